@@ -1,0 +1,40 @@
+# `make demo` and `make test` bootstrap .venv on first use.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+TRITON  ?= triton==3.7.1
+NATIVE  := build/native/libucseg_native.so
+
+.PHONY: demo test bench native clean
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "$(TORCH)" "$(TRITON)"
+	$(VPY) -m pip install -q -e ".[test,triton,nifti,plot,telemetry]"
+	$(VPY) -m pip install -q --no-deps "medpy>=0.5"
+	touch $(STAMP)
+
+# The native library is optional: built when cmake and nvcc exist, skipped (tests say why) otherwise.
+native:
+	@if command -v cmake >/dev/null && command -v nvcc >/dev/null && [ -f CMakeLists.txt ]; then \
+	  cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release >/dev/null && \
+	  cmake --build build/native -j2 >/dev/null && echo "native library built: $(NATIVE)"; \
+	else echo "native library not built (needs cmake and nvcc); Python falls back to torch/scipy"; fi
+
+test: $(STAMP)
+	-@$(MAKE) --no-print-directory native
+	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q benchmarks --benchmark-disable
+	@if [ -d build/native ]; then ctest --test-dir build/native --output-on-failure; fi
+
+demo: $(STAMP)
+	$(VPY) -m ucseg_fast.cli demo
+
+bench: $(STAMP)
+	$(VPY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build runs .pytest_cache
