@@ -1,0 +1,74 @@
+"""The UC-Seg pair: two independent subnets + the UPG (METHOD.md §1.1).
+
+``UCSeg.forward`` is the reference's ``UC_Seg.forward`` with the intermediate maps (u1, u2, A)
+returned as well, so that losses and logging need no second pass.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .unet2d import UNet2D
+from .upg import UPG, evidential_uncertainty_torch
+from .vnet2d import VNet2D
+
+__all__ = ["ModelOutput", "UCSeg", "build_ucseg_2d"]
+
+
+class ModelOutput(NamedTuple):
+    """All outputs of one forward. ``feats*`` are the subnets' 5 encoder maps (CCP uses -3, -2, -1)."""
+
+    z1: Tensor              # [B,C,*S] logits of net_1
+    feats1: list[Tensor]
+    z2: Tensor              # [B,C,*S] logits of net_2
+    feats2: list[Tensor]
+    P: Tensor               # [B,C,*S] fused logits (pseudo-label source and inference output)
+    u1: Tensor              # [B,1,*S] vacuity of z1 (attention query side)
+    u2: Tensor              # [B,1,*S] vacuity of z2 (key/value side)
+    A: Tensor               # [B,1,*S] cross-attention map
+
+
+class UCSeg(nn.Module):
+    """``net_1``, ``net_2`` (each ``x -> (logits, feats)``) and ``upg`` (:class:`UPG`).
+
+    ``uncertainty_fn`` maps logits ``[B,C,*S]`` to the vacuity ``[B,1,*S]``; the default is the
+    plain-PyTorch reference, the fused Triton op can be swapped in without touching the model.
+    """
+
+    def __init__(self, net_1: nn.Module, net_2: nn.Module, upg: UPG, num_classes: int,
+                 uncertainty_fn: Callable[[Tensor], Tensor] = evidential_uncertainty_torch) -> None:
+        super().__init__()
+        self.net_1 = net_1
+        self.net_2 = net_2
+        self.upg = upg
+        self.num_classes = num_classes
+        self.uncertainty_fn = uncertainty_fn
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        z1, feats1 = self.net_1(x)
+        z2, feats2 = self.net_2(x)
+        if z1.shape[1] != self.num_classes or z2.shape != z1.shape:
+            raise ValueError(f"UCSeg: subnet logits {tuple(z1.shape)} / {tuple(z2.shape)} do not have "
+                             f"num_classes={self.num_classes} channels or differ in shape")
+        u1 = self.uncertainty_fn(z1)
+        u2 = self.uncertainty_fn(z2)
+        A, P = self.upg(u1, u2, z1, z2)
+        return ModelOutput(z1, list(feats1), z2, list(feats2), P, u1, u2, A)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Fused logits ``P`` (the reference segments with P, not z1/z2). The caller sets ``eval()``."""
+        return self.forward(x).P
+
+
+def build_ucseg_2d(num_classes: int = 4, in_channels: int = 3, img_size: Sequence[int] = (256, 256),
+                   patch_size: int = 16,
+                   unet_dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5)) -> UCSeg:
+    """The 2D configuration of the reference: UNet (net_1) + VNet, 16 filters (net_2) + UPG."""
+    net_1 = UNet2D(in_channels, num_classes, dropout=unet_dropout)
+    net_2 = VNet2D(in_channels, num_classes, n_filters=16)
+    upg = UPG(num_classes, img_size, patch_size)
+    return UCSeg(net_1, net_2, upg, num_classes)

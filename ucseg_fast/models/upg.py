@@ -1,0 +1,212 @@
+"""UPG — the uncertainty-guided pseudo-label generator (METHOD.md §1.4, golden README §6 item 2).
+
+Three pieces, all named as in the reference (``module/generate_pseudo_map_attention_2D.py``) so
+that the authors' state_dict loads key for key:
+
+* :func:`evidential_uncertainty_torch` — Dirichlet vacuity ``u = C / Σ_c (softplus(z_c) + 1)``;
+* :class:`CrossAttentionBlock` — one ViT-style layer, queries from ``u1`` tokens, keys/values
+  from ``u2`` tokens; no LayerNorm, no residual around the attention, residual around the FFN;
+* :class:`FusionHead` — six bias-free 1×1 convs, each followed by BatchNorm and LeakyReLU(0.2)
+  (also the last: negative fused logits are compressed ×0.2, a reference quirk kept on purpose).
+
+Everything is dimension-generic (2D ``[B,1,H,W]`` or 3D ``[B,1,D,H,W]``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["evidential_uncertainty_torch", "Patchify", "unpatchify", "CrossAttention",
+           "FeedForward", "CrossAttentionBlock", "FusionHead", "UPG"]
+
+
+def evidential_uncertainty_torch(z: Tensor) -> Tensor:
+    """Vacuity ``u = C / Σ_c (softplus(z_c) + 1)`` of logits ``z [B,C,*S]`` → ``[B,1,*S]``.
+
+    Computed exactly as the reference does (softplus β=1, threshold 20; ``+1`` per channel, then
+    the channel sum; ``C / S`` which PyTorch evaluates as ``reciprocal(S) · C``). Half inputs are
+    promoted to float32 (the sum of C evidences needs more than a 8-bit mantissa); float32 and
+    float64 stay as they are. Differentiable; nothing is detached, as in the reference.
+    """
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    alpha = F.softplus(z) + 1
+    S = torch.sum(alpha, dim=1, keepdim=True)
+    return z.shape[1] / S
+
+
+def _grid(spatial: Sequence[int], patch: int, where: str) -> list[int]:
+    if any(s % patch for s in spatial):
+        raise ValueError(f"{where}: spatial size {tuple(spatial)} is not a multiple of patch size {patch}")
+    return [s // patch for s in spatial]
+
+
+class Patchify(nn.Module):
+    """``[B,c,*S] -> [B,N,p^d·c]``: the reference's ``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')``.
+
+    Tokens are row-major over the patch grid, features row-major inside a patch (channel last).
+    Parameter-free; it is index 0 of ``to_patch_embedding`` so the Linear keeps the key ``.1``.
+    """
+
+    def __init__(self, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, c, *spatial = x.shape
+        p, d = self.patch_size, len(spatial)
+        g = _grid(spatial, p, "Patchify")
+        inter = [v for gi in g for v in (gi, p)]                       # (g0, p, g1, p, …)
+        perm = [0, *[2 + 2 * i for i in range(d)], *[3 + 2 * i for i in range(d)], 1]
+        n_tokens = 1
+        for gi in g:
+            n_tokens *= gi
+        return x.reshape(B, c, *inter).permute(perm).reshape(B, n_tokens, p ** d * c)
+
+    def extra_repr(self) -> str:
+        return f"patch_size={self.patch_size}"
+
+
+def unpatchify(tokens_BNF: Tensor, spatial: Sequence[int], patch: int, channels: int = 1) -> Tensor:
+    """Exact inverse of :class:`Patchify`: ``[B,N,p^d·c] -> [B,c,*spatial]``."""
+    B = tokens_BNF.shape[0]
+    d = len(spatial)
+    g = _grid(spatial, patch, "unpatchify")
+    x = tokens_BNF.reshape(B, *g, *([patch] * d), channels)
+    perm = [0, 2 * d + 1, *[v for i in range(d) for v in (1 + i, 1 + d + i)]]
+    return x.permute(perm).reshape(B, channels, *spatial)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention, queries from ``x_q``, keys and values from ``x_kv``; no attention dropout.
+
+    ``temperature`` is declared by the reference but never used; it is kept (never gets a
+    gradient) so that checkpoints load strictly.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head = heads, dim_head
+        self.scale = dim_head ** -0.5
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.w_q = nn.Linear(dim, inner)
+        self.w_k = nn.Linear(dim, inner)
+        self.w_v = nn.Linear(dim, inner)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def _split(self, t_BNI: Tensor) -> Tensor:
+        B, N, _ = t_BNI.shape
+        return t_BNI.view(B, N, self.heads, self.dim_head).transpose(1, 2)   # [B,h,N,dh]
+
+    def forward(self, x_q: Tensor, x_kv: Tensor) -> Tensor:
+        q, k, v = self._split(self.w_q(x_q)), self._split(self.w_k(x_kv)), self._split(self.w_v(x_kv))
+        # Same math as softmax(q kᵀ · dh^-½) v (checked in float64 by the tests); on GPU this
+        # dispatches to flash/memory-efficient kernels and never materialises the [B,h,N,N] scores.
+        o_BhNd = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        B, _, N, _ = o_BhNd.shape
+        return self.to_out(o_BhNd.transpose(1, 2).reshape(B, N, self.heads * self.dim_head))
+
+
+class FeedForward(nn.Module):
+    """Linear → GELU (exact erf) → Dropout → Linear → Dropout (both p = 0 in the reference)."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class CrossAttentionBlock(nn.Module):
+    """``A = CrossAttn(u1 → query, u2 → key/value)``, ``[B,1,*S] × 2 → [B,1,*S]``.
+
+    ``t = Dropout(E(patchify(u)) + pos)`` for both maps (shared E and pos);
+    ``h0 = Attn(t1, t2)`` (no residual); ``h1 = FFN(h0) + h0``;
+    ``A = unpatchify(Dropout(Linear(h1)))``. ``pos`` is tied to ``img_size`` (randn init), so the
+    block only runs at the training resolution, as in the reference.
+    """
+
+    def __init__(self, img_size: Sequence[int] = (256, 256), patch_size: int = 16, embed_dim: int = 96,
+                 heads: int = 8, dim_head: int = 64, mlp_dim: int = 384, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.img_size = tuple(int(s) for s in img_size)
+        if len(self.img_size) not in (2, 3):
+            raise ValueError(f"CrossAttentionBlock: img_size {img_size} must have 2 or 3 entries")
+        self.patch_size = patch_size
+        grid = _grid(self.img_size, patch_size, "CrossAttentionBlock")
+        num_tokens = 1
+        for gi in grid:
+            num_tokens *= gi
+        patch_dim = patch_size ** len(self.img_size)              # one input channel
+        # Own parameters are registered before the submodules: state_dict order = reference order.
+        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, embed_dim))
+        self.to_patch_embedding = nn.Sequential(Patchify(patch_size), nn.Linear(patch_dim, embed_dim))
+        self.dropout = nn.Dropout(dropout)
+        self.attn = CrossAttention(embed_dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.MLP = FeedForward(embed_dim, mlp_dim, dropout=0.0)
+        self.to_out = nn.Sequential(nn.Linear(embed_dim, patch_dim), nn.Dropout(dropout))
+
+    def forward(self, u1: Tensor, u2: Tensor) -> Tensor:
+        for name, u in (("u1", u1), ("u2", u2)):
+            if tuple(u.shape[2:]) != self.img_size or u.shape[1] != 1:
+                raise ValueError(f"CrossAttentionBlock: {name} has shape {tuple(u.shape)}, "
+                                 f"expected [B, 1, {', '.join(map(str, self.img_size))}]")
+        t1_BNE = self.dropout(self.to_patch_embedding(u1) + self.pos_embed)
+        t2_BNE = self.dropout(self.to_patch_embedding(u2) + self.pos_embed)
+        h_BNE = self.attn(t1_BNE, t2_BNE)
+        h_BNE = self.MLP(h_BNE) + h_BNE
+        return unpatchify(self.to_out(h_BNE), self.img_size, self.patch_size)
+
+
+class FusionHead(nn.Module):
+    """Per-pixel MLP ``2C → 16 → 32 → 64 → 32 → 16 → C`` as bias-free 1×1 convs + BN + LeakyReLU(0.2).
+
+    The reference's ``Generate_pseudo_simple``; keys ``conv{i}.0.weight`` and ``conv{i}.1.*``.
+    BN runs on batch statistics in training (cuDNN/ATen accumulate them in fp32 also for bf16
+    activations under autocast).
+    """
+
+    def __init__(self, num_classes: int, widths: Sequence[int] = (16, 32, 64, 32, 16),
+                 spatial_dims: int = 2) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"FusionHead: spatial_dims {spatial_dims} must be 2 or 3")
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+        chans = [2 * num_classes, *widths, num_classes]
+        self.num_layers = len(chans) - 1
+        for i in range(self.num_layers):
+            # In-place LeakyReLU: BN's backward needs its input, not its output.
+            self.add_module(f"conv{i + 1}", nn.Sequential(
+                conv(chans[i], chans[i + 1], kernel_size=1, bias=False),
+                norm(chans[i + 1]),
+                nn.LeakyReLU(0.2, inplace=True)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i in range(1, self.num_layers + 1):
+            x = getattr(self, f"conv{i}")(x)
+        return x
+
+
+class UPG(nn.Module):
+    """``forward(u1, u2, z1, z2) -> (A [B,1,*S], P [B,C,*S])``, ``P = head(cat([A·z1, A·z2], 1))``.
+
+    ``final_head`` is registered first so that ``state_dict()`` lists keys in the reference order.
+    """
+
+    def __init__(self, num_classes: int, img_size: Sequence[int], patch_size: int, embed_dim: int = 96,
+                 heads: int = 8, dim_head: int = 64, mlp_dim: int = 384, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.final_head = FusionHead(num_classes, spatial_dims=len(img_size))
+        self.cross_attn = CrossAttentionBlock(img_size, patch_size, embed_dim, heads, dim_head, mlp_dim, dropout)
+
+    def forward(self, u1: Tensor, u2: Tensor, z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
+        A = self.cross_attn(u1, u2)
+        P = self.final_head(torch.cat([A * z1, A * z2], dim=1))
+        return A, P
