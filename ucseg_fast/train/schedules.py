@@ -1,0 +1,148 @@
+"""Per-iteration schedules of UC-Seg (METHOD.md §2.1 λ_t, §2.2 w(t), §2.4 thr(t), §3 lr).
+
+The scalar functions return Python floats computed exactly as the reference computes them
+(golden `sched.table`, all 14 rows, bit for bit). `ScheduleTensors` holds them as 0-D device
+tensors that are overwritten in place before each step, so a captured CUDA graph, a compiled
+step and a tensor-lr optimizer all see the new values without recapture or recompilation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = [
+    "consistency_weight",
+    "au_lambda",
+    "au_lambda_exact",
+    "queue_threshold",
+    "lr_after_step",
+    "lr_at",
+    "phase",
+    "ScheduleTensors",
+]
+
+
+def consistency_weight(
+    t: int,
+    consistency: float = 0.1,
+    rampup: float = 200.0,
+    unsup_factor: float = 150.0,
+    epoch_len: int = 150,
+) -> float:
+    """w(t) = consistency · exp(−5(1 − min(⌊t/epoch_len⌋, rampup)/rampup)²) · unsup_factor.
+
+    SSL4MIS `sigmoid_rampup` on "epochs" of 150 iterations, times the hard-coded ×150
+    (`--unsup_factor` in ACDC); same float64 operation order as the reference.
+    """
+    if rampup == 0:
+        ramp = 1.0
+    else:
+        current = float(np.clip(t // epoch_len, 0.0, rampup))
+        ph = 1.0 - current / rampup
+        ramp = float(np.exp(-5.0 * ph * ph))
+    return consistency * ramp * unsup_factor
+
+
+def au_lambda(t: int, T: int) -> float:
+    """λ_t of the AU loss, the float32 value the reference computes (returned as a float).
+
+    `0.01 * exp(−log(0.01) / T * t)` on a float32 CPU tensor: every op rounds to float32,
+    which moves λ by up to ~1e-7 relative from 0.01^(1−t/T) (`au_lambda_exact`). Computed on
+    the CPU on purpose: a device `exp` may differ by one ulp.
+    """
+    a = torch.tensor(0.01, dtype=torch.float32)
+    return float(a * torch.exp(-torch.log(a) / T * t))
+
+
+def au_lambda_exact(t: int, T: int) -> float:
+    """The intended λ_t = 0.01^(1 − t/T) in float64 (for comparison only)."""
+    return 0.01 ** (1 - t / T)
+
+
+def queue_threshold(t: int, T: int, base: float = 0.5, span: float = 0.46) -> float:
+    """Queue-gate threshold thr(t) = base + span·t/T (2D 0.5/0.46; 3D 0.2/0.56)."""
+    return base + span * t / T
+
+
+def lr_after_step(t: int, base_lr: float, T: int, clamp_at_T: bool = True) -> float:
+    """lr the reference sets after the step of iteration t: base_lr·(1 − t/T).
+
+    The reference never stops at T (it runs whole epochs), so for t > T the lr turns
+    negative; `clamp_at_T=True` (the project, which stops at T) clamps t to T (lr ≥ 0).
+    """
+    if clamp_at_T:
+        t = min(t, T)
+    return base_lr * (1.0 - t / T)
+
+
+def lr_at(step: int, base_lr: float, T: int, clamp_at_T: bool = True) -> float:
+    """lr used BY step t: base_lr for t = 0, base_lr·(1 − (t−1)/T) afterwards."""
+    if step <= 0:
+        return base_lr
+    return lr_after_step(step - 1, base_lr, T, clamp_at_T)
+
+
+def phase(t: int, switch: int = 12000) -> int:
+    """1 before the copy-paste phase, 2 from iteration `switch` on (2D 12 000, 3D 6 000)."""
+    return 2 if t >= switch else 1
+
+
+class ScheduleTensors:
+    """0-D device tensors of the per-step scalars, updated in place by `update(t)`.
+
+    `lr`, `w`, `thr` use `dtype` (float32 by default; float64 for golden parity); `lam` is
+    always float32 because the reference's AU loss uses the float32 λ_t. `update` writes
+    with `fill_` (one tiny kernel each, no host sync, same storage), so a CUDA graph captured
+    with these tensors replays with the new values.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        *,
+        dtype: torch.dtype = torch.float32,
+        base_lr: float = 0.01,
+        T: int = 50000,
+        consistency: float = 0.1,
+        rampup: float = 200.0,
+        unsup_factor: float = 150.0,
+        epoch_len: int = 150,
+        thr_base: float = 0.5,
+        thr_span: float = 0.46,
+        clamp_at_T: bool = True,
+    ) -> None:
+        if T <= 0:
+            raise ValueError(f"ScheduleTensors: T (max_iterations) must be > 0, got {T}")
+        self.base_lr, self.T = base_lr, T
+        self.consistency, self.rampup = consistency, rampup
+        self.unsup_factor, self.epoch_len = unsup_factor, epoch_len
+        self.thr_base, self.thr_span = thr_base, thr_span
+        self.clamp_at_T = clamp_at_T
+        self.lr = torch.zeros((), dtype=dtype, device=device)
+        self.w = torch.zeros((), dtype=dtype, device=device)
+        self.thr = torch.zeros((), dtype=dtype, device=device)
+        self.lam = torch.zeros((), dtype=torch.float32, device=device)
+        self.t = 0
+        self.update(0)
+
+    def values(self, t: int) -> dict[str, float]:
+        """The Python values `update(t)` writes (for logging; no device access)."""
+        return {
+            "lr": lr_at(t, self.base_lr, self.T, self.clamp_at_T),
+            "w": consistency_weight(t, self.consistency, self.rampup, self.unsup_factor, self.epoch_len),
+            "lam": au_lambda(t, self.T),
+            "thr": queue_threshold(t, self.T, self.thr_base, self.thr_span),
+        }
+
+    def update(self, t: int) -> None:
+        """Write the values for step t into the existing tensors (in place)."""
+        v = self.values(t)
+        self.lr.fill_(v["lr"])
+        self.w.fill_(v["w"])
+        self.lam.fill_(v["lam"])
+        self.thr.fill_(v["thr"])
+        self.t = t
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}={x:.6g}" for k, x in self.values(self.t).items())
+        return f"ScheduleTensors(t={self.t}, {body})"
