@@ -110,6 +110,7 @@ class ScheduleTensors:
         thr_base: float = 0.5,
         thr_span: float = 0.46,
         clamp_at_T: bool = True,
+        confidence_threshold: float = 0.95,
     ) -> None:
         if T <= 0:
             raise ValueError(f"ScheduleTensors: T (max_iterations) must be > 0, got {T}")
@@ -122,6 +123,9 @@ class ScheduleTensors:
         self.w = torch.zeros((), dtype=dtype, device=device)
         self.thr = torch.zeros((), dtype=dtype, device=device)
         self.lam = torch.zeros((), dtype=torch.float32, device=device)
+        # confidence threshold τ of the entropy / fusion+mask modes (a tensor so a schedule
+        # or a change between CUDA-graph replays takes effect)
+        self.tau = torch.full((), confidence_threshold, dtype=torch.float32, device=device)
         self.t = 0
         self.update(0)
 

@@ -1,0 +1,184 @@
+"""The UC-Seg training objective of one step (METHOD.md §2.2, §2.3, golden README item 7).
+
+`UCSegObjective` owns the CCP memory queues and turns one batch into the total loss:
+one forward of the UC-Seg pair on labeled + unlabeled images, the supervised, pseudo-label,
+unsupervised and CCP terms, the gated queue update and, in phase 2, the copy-paste mixed
+forward. Everything stays on the device: the queue gate, the copy-paste box and branch are
+device tensors, so the step has no host synchronisation and can be captured as a CUDA graph
+(the CPU connected-component path of `nms` is the one exception, see ops.components).
+
+Call order follows the reference exactly, because it matters for the numbers: IFE of the
+un-mixed batch reads the queues before this step's update; the mixed IFE reads them after.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..ccp import CCP
+from ..losses import acc, ce_loss, diff_loss, dice_loss, pseudo_total, queue_gate, queue_gate_hard
+from ..losses import supervised_terms, supervised_total
+from ..pseudo_labels import copy_paste_box, copy_paste_mask, copy_paste_mix, fusion_pseudo_label
+from ..pseudo_labels import one_hot, prediction_masks
+
+
+class StepScalars(Protocol):
+    """Per-step schedule values as 0-D device tensors, updated in place between steps
+    (`train.schedules.ScheduleTensors` is the implementation)."""
+    w: Tensor      # consistency weight w(t) (includes the x150 factor)
+    lam: Tensor    # AU annealing factor λ_t (float32 value of the reference)
+    thr: Tensor    # queue-gate threshold thr(t)
+    tau: Tensor    # confidence threshold of the entropy / fusion+mask modes
+
+
+class UCSegObjective(nn.Module):
+    def __init__(self, num_classes: int, *, pseudo_mode: str = "fusion", nms: bool = True,
+                 embed_c_factor: float = 0.2, embed_p_factor: float = 0.1, ccp: bool = True,
+                 queue_size: int = 1440, contrast_temperature: float = 0.3,
+                 queue_pointer: str = "per_class", queue_init: str = "feature_norm",
+                 queue_gate: str = "hard", feature_channels=(64, 128, 256)):
+        super().__init__()
+        self.num_classes = num_classes
+        self.pseudo_mode = pseudo_mode
+        self.nms = nms
+        self.lambda_c = embed_c_factor
+        self.lambda_p = embed_p_factor
+        self.gate_mode = queue_gate
+        self.use_ccp = ccp
+        self.ccp = CCP(num_classes, channels=tuple(feature_channels), queue_size=queue_size,
+                       temperature=contrast_temperature, pointer=queue_pointer,
+                       queue_init=queue_init) if ccp else None
+
+    # ------------------------------------------------------------------------------------
+    def _gate(self, logits_l: Tensor, y_l_oh: Tensor) -> Tensor:
+        prob = torch.softmax(logits_l.float(), 1)
+        if self.gate_mode == "soft":
+            return queue_gate(prob, y_l_oh)
+        return queue_gate_hard(prob.argmax(1), y_l_oh.argmax(1), self.num_classes)
+
+    def _pseudo_targets(self, out, Bl: int, tau: Tensor):
+        """Hard pseudo-label of the unlabeled half (one-hot, detached) and its pixel mask
+        (None = every pixel counts, the reference's fusion mode)."""
+        C = self.num_classes
+        with torch.no_grad():
+            if self.pseudo_mode == "entropy":
+                from ..ops import entropy_pseudo_label
+                res = entropy_pseudo_label(out.z1[Bl:], out.z2[Bl:], tau)
+                return one_hot(res.labels, C, torch.float32), res.mask
+            Y_u = fusion_pseudo_label(out.P[Bl:].detach(), nms=self.nms)
+            if self.pseudo_mode == "fusion+mask":
+                conf = torch.softmax(out.P[Bl:].float(), 1).amax(1)
+                return Y_u, conf >= tau
+            return Y_u, None
+
+    @staticmethod
+    def _unsup(logits: Tensor, Y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """CE + Dice against a hard target; masked variants average over kept pixels."""
+        if mask is None:
+            return ce_loss(logits, Y), dice_loss(torch.softmax(acc(logits), 1), Y)
+        from ..ops import pseudo_label_loss
+        labels = Y.argmax(1)
+        ce = pseudo_label_loss(logits, labels, mask)
+        m = mask.unsqueeze(1).to(torch.float32)
+        p = torch.softmax(acc(logits), 1) * m
+        return ce, dice_loss(p, Y * m)
+
+    # ------------------------------------------------------------------------------------
+    def forward(self, model: nn.Module, x: Tensor, y_l: Tensor, sched: StepScalars,
+                phase2: bool = False, *, mix_box: Tensor | None = None,
+                mix_branch_a: Tensor | None = None, generator: torch.Generator | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss of one step and its terms (0-D tensors, detached for logging).
+
+        x: [Bl+Bu, Cin, *S] images (labeled first); y_l: [Bl, *S] int class map.
+        mix_box / mix_branch_a fix the phase-2 copy-paste draw (tests); otherwise they are
+        drawn on the device from `generator`."""
+        C = self.num_classes
+        Bl = y_l.shape[0]
+        out = model(x)
+        ftype = torch.float64 if out.z1.dtype == torch.float64 else torch.float32
+        y_oh = one_hot(y_l, C, ftype)
+        terms: dict[str, Tensor] = {}
+
+        sup = []
+        for k, z in ((1, out.z1), (2, out.z2)):
+            s = supervised_terms(z[:Bl], y_oh, y_l, sched.lam, kind="ce")
+            sup.append(supervised_total(s))
+            terms.update({f"ce{k}_l": s["ce"], f"au{k}": s["au"], f"dice{k}_l": s["dice"]})
+        sP = supervised_terms(out.P[:Bl], y_oh, y_l, sched.lam, kind="ce")
+        pseudo = pseudo_total(sP)
+        terms.update({"ceP_l": sP["ce"], "auP": sP["au"], "diceP_l": sP["dice"], "pseudo": pseudo})
+
+        Y_u, mask_u = self._pseudo_targets(out, Bl, sched.tau)
+        Y_u = Y_u.to(ftype)
+
+        p1 = torch.softmax(out.z1.detach().float(), 1)
+        p2 = torch.softmax(out.z2.detach().float(), 1)
+        diff = (diff_loss(p1, p2), diff_loss(p2, p1))
+
+        zero = out.z1.new_zeros((), dtype=torch.float32)
+        ic, ife = zero, [zero, zero]
+        if self.ccp is not None:
+            f1, f2 = list(out.feats1[-3:]), list(out.feats2[-3:])
+            with torch.no_grad():
+                masks = [prediction_masks(out.z1.detach(), nms=self.nms),
+                         prediction_masks(out.z2.detach(), nms=self.nms)]
+            ic = self.ccp.ic(f1, f2)[0]
+            ife = [self.ccp.ife(f1, masks[0], 1)[0], self.ccp.ife(f2, masks[1], 2)[0]]
+            with torch.no_grad():
+                label_all = torch.cat([y_oh, Y_u], 0)
+                for k, (z, f) in enumerate(((out.z1, f1), (out.z2, f2)), start=1):
+                    gate = self._gate(z[:Bl].detach(), y_oh)
+                    terms[f"gate{k}"] = gate
+                    self.ccp.enqueue([t.detach() for t in f], label_all, k, gate > sched.thr)
+
+        unsup = []
+        for k, z in ((1, out.z1), (2, out.z2)):
+            ce_u, dice_u = self._unsup(z[Bl:], Y_u, mask_u)
+            unsup.append(ce_u + dice_u)
+            terms.update({f"ce{k}_u": ce_u, f"dice{k}_u": dice_u})
+        terms.update({"ic": ic, "ife1": ife[0], "ife2": ife[1], "diff1": diff[0], "diff2": diff[1]})
+        if mask_u is not None:
+            terms["mask_frac"] = mask_u.float().mean()
+
+        if not phase2:
+            L_k = [sup[i] + 0.5 * diff[i] + sched.w * unsup[i] + self.lambda_c * ife[i]
+                   for i in range(2)]
+            L = 0.5 * (L_k[0] + L_k[1]) + pseudo + self.lambda_p * ic
+        else:
+            spatial = tuple(x.shape[2:])
+            if mix_box is None:
+                mix_box = copy_paste_box(spatial, generator=generator, device=x.device)
+            if mix_branch_a is None:
+                mix_branch_a = torch.rand((), generator=generator, device=x.device) > 0.5
+            M = copy_paste_mask(spatial, mix_box, dtype=x.dtype, device=x.device)
+            x_mix, y_mix = copy_paste_mix(x[:Bl], x[Bl:], y_oh, Y_u, M, mix_branch_a)
+            outm = model(x_mix)
+            mix, diffmix = [], []
+            for k, z in ((1, outm.z1), (2, outm.z2)):
+                ce_m = ce_loss(z, y_mix)
+                dice_m = dice_loss(torch.softmax(acc(z), 1), y_mix)
+                mix.append(ce_m + dice_m)
+                terms.update({f"ce{k}_m": ce_m, f"dice{k}_m": dice_m})
+            pm1 = torch.softmax(outm.z1.detach().float(), 1)
+            pm2 = torch.softmax(outm.z2.detach().float(), 1)
+            diffmix = [diff_loss(pm1, pm2), diff_loss(pm2, pm1)]
+            icm, ifem = zero, [zero, zero]
+            if self.ccp is not None:
+                f1m, f2m = list(outm.feats1[-3:]), list(outm.feats2[-3:])
+                with torch.no_grad():
+                    mm = [prediction_masks(outm.z1.detach(), nms=self.nms),
+                          prediction_masks(outm.z2.detach(), nms=self.nms)]
+                icm = self.ccp.ic(f1m, f2m)[0]
+                ifem = [self.ccp.ife(f1m, mm[0], 1)[0], self.ccp.ife(f2m, mm[1], 2)[0]]
+            terms.update({"icmix": icm, "ife1mix": ifem[0], "ife2mix": ifem[1],
+                          "diffmix1": diffmix[0], "diffmix2": diffmix[1],
+                          "mix1": mix[0], "mix2": mix[1]})
+            L_k = [sup[i] + 0.25 * (diff[i] + diffmix[i]) + 0.5 * sched.w * (unsup[i] + mix[i])
+                   + self.lambda_c * (ife[i] + ifem[i]) * 0.5 for i in range(2)]
+            L = 0.5 * (L_k[0] + L_k[1]) + pseudo + self.lambda_p * (icm + ic) * 0.5
+        terms.update({"sup1": sup[0], "sup2": sup[1], "unsup1": unsup[0], "unsup2": unsup[1],
+                      "loss_1": L_k[0], "loss_2": L_k[1], "L": L})
+        return L, {k: v.detach() for k, v in terms.items()}
