@@ -1,0 +1,37 @@
+"""One whole UC-Seg training step (both subnets, UPG, all losses, backward, SGD) at the
+ACDC shape (batch 12 labeled + 12 unlabeled, 256x256, 4 classes) on synthetic device data,
+eager. On CPU it runs as a smoke test at a tiny shape."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ucseg_fast.train.bench import build_step
+
+from bench_utils import sync
+
+
+@pytest.mark.parametrize("phase2", [False, True], ids=["phase1", "phase2"])
+def test_step_eager(benchmark, provenance, on_gpu, phase2):
+    bs, img = (12, 256) if on_gpu else (1, 64)
+    step, batch, dev = build_step(labeled_bs=bs, img=img, phase2=phase2)
+    for _ in range(3 if on_gpu else 1):
+        step(batch)
+    sync()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+
+    def target():
+        loss = step(batch)
+        sync()
+        return loss
+
+    loss = benchmark(target)
+    assert torch.isfinite(loss)
+    benchmark.extra_info.update(provenance)
+    benchmark.extra_info.update({"batch": f"{bs}+{bs}", "img": img, "mode": "eager",
+                                 "phase": 2 if phase2 else 1})
+    if on_gpu:
+        benchmark.extra_info["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if benchmark.stats is not None:
+            benchmark.extra_info["img_per_s"] = 2 * bs / benchmark.stats.stats.median

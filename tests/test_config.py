@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ucseg_fast.config import Config, ConfigError, config_from_dict, diff_configs, load_config
+from ucseg_fast.config import parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_acdc_preset_is_the_reference_recipe():
+    cfg = load_config(REPO / "configs" / "acdc_2d.toml")
+    assert cfg == Config()  # the preset spells out the defaults; they must not drift apart
+    d, t, lo = cfg.data, cfg.train, cfg.loss
+    assert (t.base_lr, t.momentum, t.weight_decay, t.max_iterations) == (0.01, 0.9, 1e-5, 50000)
+    assert (d.labeled_bs, d.unlabeled_bs, d.img_size, d.labeled_patients) == (12, 12, (256, 256), 7)
+    assert (lo.embed_c_factor, lo.embed_p_factor, lo.unsup_factor, lo.phase2_start) == (0.2, 0.1, 150.0, 12000)
+    assert (lo.queue_size, lo.contrast_temperature, lo.consistency, lo.consistency_rampup) == (1440, 0.3, 0.1, 200.0)
+
+
+def test_demo_preset_loads():
+    cfg = load_config(REPO / "configs" / "demo.toml")
+    assert cfg.train.max_iterations < 1000 and cfg.data.img_size[0] <= 256
+
+
+def test_overrides_parse_toml_literals():
+    cfg = load_config(None, ["--train.max_iterations=300", "--data.img_size=[128,128]",
+                             "--loss.nms=false", "--train.out_dir=runs/x", "--name=exp"])
+    assert cfg.train.max_iterations == 300 and cfg.data.img_size == (128, 128)
+    assert cfg.loss.nms is False and cfg.train.out_dir == "runs/x" and cfg.name == "exp"
+    assert parse_override("train.base_lr=1e-3") == (["train", "base_lr"], 1e-3)
+
+
+def test_int_accepted_for_float_but_not_the_reverse():
+    assert load_config(None, ["--train.base_lr=1"]).train.base_lr == 1.0
+    with pytest.raises(ConfigError, match="train.max_iterations"):
+        load_config(None, ["--train.max_iterations=1.5"])
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[train]\nmax_iteratons = 10\n")
+    with pytest.raises(ConfigError, match=r"bad.toml.*train.max_iteratons"):
+        load_config(p)
+    p.write_text("[trian]\n")
+    with pytest.raises(ConfigError, match="unknown key 'trian'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="loss.nmss"):
+        load_config(None, ["--loss.nmss=true"])
+
+
+def test_bad_values_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="pseudo_mode"):
+        load_config(None, ["--loss.pseudo_mode=softmax"])
+    with pytest.raises(ConfigError, match="labeled_patients"):
+        load_config(None, ["--data.labeled_patients=5"])
+    with pytest.raises(ConfigError, match="img_size"):
+        load_config(None, ["--data.img_size=[250,250]"])
+    with pytest.raises(ConfigError, match="expected true/false"):
+        load_config(None, ["--loss.nms=1"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    p = tmp_path / "broken.toml"
+    p.write_text("[train\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(p)
+
+
+def test_config_is_frozen_and_roundtrips():
+    cfg = load_config(None, ["--train.max_iterations=7"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.max_iterations = 8  # type: ignore[misc]
+    back = config_from_dict(cfg.to_dict())
+    assert back == cfg
+    other = load_config(None, ["--loss.nms=false"])
+    assert diff_configs(cfg, other) == ["loss.nms: True != False"]

@@ -1,0 +1,91 @@
+"""Trainer: exact resume, checkpoint atomicity/validation, phase switch, logging."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ucseg_fast.config import load_config
+from ucseg_fast.train import Trainer
+from ucseg_fast.train.schedules import lr_at
+from ucseg_fast.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def tiny_cfg(root, out_dir, **over):
+    ov = {"data.root": f"'{root}'", "data.img_size": "[32,32]", "data.labeled_bs": "2",
+          "data.unlabeled_bs": "2", "train.max_iterations": "4", "train.log_every": "1",
+          "train.val_every": "100", "train.checkpoint_every": "100", "train.max_val_volumes": "1",
+          "train.out_dir": f"'{out_dir}'", "train.progress": "false", "train.amp": "none",
+          "train.channels_last": "false", "loss.phase2_start": "2", "loss.queue_size": "16"}
+    ov.update(over)
+    return load_config(None, [f"--{k}={v}" for k, v in ov.items()])
+
+
+def losses(out_dir):
+    return [json.loads(l)["L"] for l in open(out_dir / "metrics.jsonl") if '"L"' in l]
+
+
+def test_resume_is_exact(acdc_root, tmp_path):
+    # N straight == N/2, save, resume in a fresh Trainer, N/2 — crossing the phase-2 switch
+    a = Trainer(tiny_cfg(acdc_root, tmp_path / "a"), log=lambda s: None)
+    a.train()
+    ref_losses = losses(tmp_path / "a")
+    assert len(ref_losses) == 4
+
+    b = Trainer(tiny_cfg(acdc_root, tmp_path / "b"), log=lambda s: None)
+    b.train(stop_at=2)
+    c = Trainer(tiny_cfg(acdc_root, tmp_path / "b"), log=lambda s: None)
+    c.load(tmp_path / "b" / "last.json", strict_config=True)
+    assert c.iteration == 2
+    c.train()
+    assert losses(tmp_path / "b") == ref_losses
+    for (ka, va), (kc, vc) in zip(a.model.state_dict().items(), c.model.state_dict().items()):
+        assert ka == kc and torch.equal(va, vc), ka
+    for (ka, va), (kc, vc) in zip(a.objective.state_dict().items(), c.objective.state_dict().items()):
+        assert torch.equal(va, vc), ka
+
+
+def test_resume_rejects_other_config(acdc_root, tmp_path):
+    a = Trainer(tiny_cfg(acdc_root, tmp_path, **{"train.max_iterations": "1"}), log=lambda s: None)
+    a.train()
+    other = Trainer(tiny_cfg(acdc_root, tmp_path / "o", **{"loss.nms": "false"}), log=lambda s: None)
+    with pytest.raises(CheckpointError, match="loss.nms"):
+        other.load(tmp_path / "last.json")
+
+
+def test_checkpoint_pair_is_verified(tmp_path):
+    t = {"w": torch.arange(6.0).reshape(2, 3)}
+    js = save_checkpoint(tmp_path, "x", t, {"iteration": 3})
+    tensors, meta = load_checkpoint(js)
+    assert torch.equal(tensors["w"], t["w"]) and meta["iteration"] == 3
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+    # a tensor file from another save under the same name is detected by its hash
+    save_checkpoint(tmp_path / "other", "x", {"w": torch.zeros(2, 3)}, {"iteration": 9})
+    (tmp_path / "x.safetensors").write_bytes((tmp_path / "other" / "x.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(js)
+    (tmp_path / "x.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(js)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.json")
+
+
+def test_training_logs_and_best_checkpoint(acdc_root, tmp_path):
+    cfg = tiny_cfg(acdc_root, tmp_path, **{"train.max_iterations": "2", "train.val_every": "1",
+                                         "loss.phase2_start": "1"})
+    tr = Trainer(cfg, log=lambda s: None)
+    summary = tr.train()
+    recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in recs if "L" in r]
+    vals = [r for r in recs if "val_dice" in r]
+    assert [r["iteration"] for r in steps] == [1, 2] and [r["iteration"] for r in vals] == [1, 2]
+    for r in steps:
+        assert all(k in r for k in ("sup1", "pseudo", "unsup1", "ic", "ife1", "gate1", "img_per_s"))
+        assert r["lr"] == pytest.approx(lr_at(r["iteration"] - 1, 0.01, 2))
+    assert "mix1" in steps[-1] and "mix1" not in steps[0]  # phase 2 starts at iteration 2
+    assert (tmp_path / "best.json").exists() and (tmp_path / "last.json").exists()
+    _, meta = load_checkpoint(tmp_path / "best.json")
+    assert meta["iteration"] == summary["best_iteration"]
+    assert 0.0 <= summary["best_val_dice"] <= 1.0

@@ -1,0 +1,272 @@
+"""`ucseg-fast train | eval | predict | prepare | bench | demo`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(args, extra: list[str]):
+    from .config import load_config
+    overrides = [a for a in extra if a.startswith("--") and "=" in a]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown:
+        raise SystemExit(f"error: unrecognised arguments {unknown}; config overrides look like "
+                         "--train.max_iterations=300")
+    return load_config(args.config, overrides)
+
+
+# ------------------------------------------------------------------------------------------
+def cmd_train(args, extra) -> int:
+    from .train import Trainer
+    cfg = _config(args, extra)
+    trainer = Trainer(cfg)
+    if args.resume:
+        trainer.load(args.resume)
+        print(f"resumed from {args.resume} at iteration {trainer.iteration}")
+    summary = trainer.train()
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+    return 0
+
+
+def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str):
+    import torch
+    from .config import config_from_dict, load_config
+    from .models import build_ucseg_2d
+    from .train.checkpoint import load_checkpoint
+    from .train.trainer import load_model_state, resolve_device
+    tensors, meta = load_checkpoint(checkpoint)
+    cfg = config_from_dict(meta["config"], source=f"{checkpoint} (saved config)")
+    if overrides:  # e.g. --data.root=/full/ACDC for evaluation on another copy
+        import dataclasses
+        ov = load_config(None, overrides)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, **{k: getattr(ov.data, k) for k in ("root",)
+                         if any(o.startswith(f"--data.{k}=") for o in overrides)}))
+    device = resolve_device(device_name)
+    model = build_ucseg_2d(num_classes=cfg.data.num_classes, in_channels=cfg.model.in_channels,
+                           img_size=tuple(cfg.data.img_size), patch_size=cfg.model.patch_size,
+                           unet_dropout=tuple(cfg.model.unet_dropout))
+    load_model_state(model, tensors, checkpoint)
+    model.to(device).eval()
+
+    def predict(x):
+        with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16)
+                               if device.type == "cuda" and cfg.train.amp == "bf16"
+                               else _null()):
+            return model.predict(x).float()
+    return cfg, meta, device, predict
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def cmd_eval(args, extra) -> int:
+    from .data import SSL4MISDataset
+    from .eval import evaluate_volumes
+    from .eval.report import format_table, save_overlay_figure, write_csv, write_json
+    cfg, meta, device, predict = _load_for_inference(args.checkpoint, extra, args.device)
+    ds = SSL4MISDataset(cfg.data.root)
+    names = ds.volumes(args.split)
+    if args.max_volumes:
+        names = names[: args.max_volumes]
+    vols = [(n, *ds.read_volume(n)) for n in names]
+    res = evaluate_volumes(predict, vols, cfg.data.num_classes, img_size=tuple(cfg.data.img_size),
+                           batch_size=args.batch_size, device=device, mode=args.mode,
+                           save_dir=args.save_predictions)
+    print(f"checkpoint {args.checkpoint} (iteration {meta['iteration']}), split {args.split}, "
+          f"{len(vols)} volumes, data {cfg.data.root}, metrics mode {args.mode}")
+    print(format_table(res))
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", res)
+    write_csv(out / "metrics.csv", res)
+    print(f"wrote {out / 'metrics.json'} and {out / 'metrics.csv'}")
+    if args.figure:
+        from .eval.inference import predict_volume
+        name, img, lab = vols[0]
+        pred = predict_volume(predict, img, img_size=tuple(cfg.data.img_size),
+                              batch_size=args.batch_size, device=device)
+        save_overlay_figure(args.figure, img, lab, pred)
+        print(f"wrote {args.figure} ({name})")
+    return 0
+
+
+def cmd_predict(args, extra) -> int:
+    import numpy as np
+    from .eval.inference import predict_volume, save_nifti
+    cfg, meta, device, predict = _load_for_inference(args.checkpoint, extra, args.device)
+    src = Path(args.input)
+    if not src.is_file():
+        raise SystemExit(f"error: input not found: {src}")
+    spacing = None
+    if src.suffix in (".h5", ".hdf5"):
+        import h5py
+        with h5py.File(src, "r") as f:
+            if "image" not in f:
+                raise SystemExit(f"error: {src} has no dataset 'image'")
+            img = np.asarray(f["image"], dtype=np.float32)
+    elif src.name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+        nii = nib.load(str(src))
+        # NIfTI is [X, Y, Z]; the network works on axial slices [Z, Y, X]
+        img = np.asarray(nii.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
+        spacing = tuple(float(s) for s in nii.header.get_zooms()[:3])[::-1]
+    elif src.suffix == ".npy":
+        img = np.load(src).astype(np.float32)
+    else:
+        raise SystemExit(f"error: {src}: unsupported input (use .h5 with 'image', .nii[.gz] or .npy)")
+    if img.ndim == 2:
+        img = img[None]
+    if img.ndim != 3:
+        raise SystemExit(f"error: {src}: expected a 2D slice or a 3D volume, got shape {img.shape}")
+    pred = predict_volume(predict, img, img_size=tuple(cfg.data.img_size),
+                          batch_size=args.batch_size, device=device)
+    out = Path(args.output)
+    if out.name.endswith((".nii", ".nii.gz")):
+        save_nifti(out, pred, spacing)
+    else:
+        np.save(out, pred.astype(np.uint8))
+    print(f"wrote {out} ({pred.shape}, classes {sorted(set(np.unique(pred).tolist()))})")
+    return 0
+
+
+def cmd_prepare(args, extra) -> int:
+    from .data.synthetic import write_synthetic_acdc
+    if args.what == "synthetic":
+        root = write_synthetic_acdc(args.out, n_train_patients=args.patients, seed=args.seed)
+        print(f"wrote a synthetic cardiac-like SSL4MIS dataset to {root or args.out}")
+        return 0
+    raise SystemExit(f"error: unknown prepare target {args.what!r}")
+
+
+def cmd_bench(args, extra) -> int:
+    from .train.bench import bench_step
+    res = bench_step(steps=args.steps, warmup=args.warmup, phase2=args.phase2, device=args.device,
+                     labeled_bs=args.batch, img=args.img)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_demo(args, extra) -> int:
+    """Train configs/demo.toml on the shared ACDC subset when present, else on synthetic data,
+    then evaluate the best-on-validation checkpoint and print the per-class table."""
+    from .config import load_config
+    from .data import SSL4MISDataset
+    from .eval import evaluate_volumes
+    from .eval.report import format_table
+    from .train import Trainer
+    real = REPO.parent / "shared" / "data" / "ACDC"
+    if (real / "train_slices.list").exists():
+        root, which = real, f"the real ACDC subset at {real}"
+    else:
+        from .data.synthetic import write_synthetic_acdc
+        root = REPO / "runs" / "synthetic_acdc"
+        if not (root / "train_slices.list").exists():
+            write_synthetic_acdc(root, n_train_patients=14, seed=0)
+        which = f"synthetic cardiac-like data at {root} (no real ACDC found at {real})"
+    cfg = load_config(REPO / "configs" / "demo.toml", [f"--data.root='{root}'", *extra])
+    print(f"demo: training {cfg.name} on {which}")
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    print(f"demo: {summary['iterations']} iterations in {time.perf_counter() - t0:.0f} s; "
+          f"best validation Dice {summary['best_val_dice']:.4f} at iteration "
+          f"{summary['best_iteration']}")
+    cfg_, meta, device, predict = _load_for_inference(str(Path(cfg.train.out_dir) / "best.json"),
+                                                      [], cfg.train.device)
+    ds = SSL4MISDataset(root)
+    vols = [(n, *ds.read_volume(n)) for n in ds.volumes("val")]
+    res = evaluate_volumes(predict, vols, cfg.data.num_classes, img_size=tuple(cfg.data.img_size),
+                           batch_size=cfg.train.val_batch_size, device=device)
+    print(f"demo: best checkpoint (iteration {meta['iteration']}) on {len(vols)} validation volumes "
+          f"({which}):")
+    print(format_table(res))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ucseg-fast", description=(
+        "UC-Seg semi-supervised segmentation: fast training, evaluation and fused ops. "
+        "Config overrides: --section.key=value (e.g. --train.max_iterations=300)."))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train UC-Seg from a TOML preset",
+                       description="Train UC-Seg. Any --section.key=value after the options "
+                                   "overrides the preset (unknown keys are errors).")
+    t.add_argument("--config", default=str(REPO / "configs" / "acdc_2d.toml"),
+                   help="TOML preset (default: configs/acdc_2d.toml, the reference ACDC recipe)")
+    t.add_argument("--resume", help="checkpoint (.json/.safetensors/stem) to continue exactly")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on val or test volumes")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split", choices=("val", "test"), default="val")
+    e.add_argument("--mode", choices=("medpy", "strict"), default="medpy",
+                   help="medpy: the field's convention (voxel units, absent class -> 0); "
+                        "strict: empty cases reported as NaN and counted")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-volumes", type=int, default=0)
+    e.add_argument("--out", help="folder for metrics.json / metrics.csv")
+    e.add_argument("--save-predictions", metavar="DIR", help="write one NIfTI per volume")
+    e.add_argument("--figure", metavar="PNG", help="write an image/GT/prediction overlay figure")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("predict", help="segment one volume (.h5 / .nii.gz / .npy)")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--input", required=True)
+    r.add_argument("--output", required=True, help=".nii.gz or .npy")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--batch-size", type=int, default=16)
+    r.set_defaults(fn=cmd_predict)
+
+    q = sub.add_parser("prepare", help="data preparation helpers")
+    q.add_argument("what", choices=("synthetic",))
+    q.add_argument("--out", required=True)
+    q.add_argument("--patients", type=int, default=14)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_prepare)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    b.add_argument("what", choices=("step",))
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--phase2", action="store_true")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--batch", type=int, default=12, help="labeled (= unlabeled) batch size")
+    b.add_argument("--img", type=int, default=256)
+    b.set_defaults(fn=cmd_bench)
+
+    d = sub.add_parser("demo", help="small CPU-friendly training run + per-class Dice table")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("train", "demo", "eval", "predict"):
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    from .config import ConfigError
+    from .data.ssl4mis import DataError
+    from .train.checkpoint import CheckpointError
+    try:
+        return args.fn(args, extra)
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Checkpoints: safetensors for every tensor + a JSON sidecar for everything else.
+
+`<dir>/<tag>.safetensors` holds model, objective (CCP queues), optimizer and RNG tensors;
+`<dir>/<tag>.json` holds the config, the iteration, sampler positions and metrics, plus the
+SHA-256 of the tensor file so a half-written or mismatched pair is detected. Both files are
+written to a temporary name, flushed and fsync'ed, then renamed: a crash never leaves a
+truncated checkpoint under the real name, and the previous one stays intact until the new
+one is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "ucseg-fast-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not fit the requested run."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_replace(tmp: Path, dst: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    try:  # make the rename itself durable
+        fd = os.open(dst.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+
+
+def split_state(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move every tensor of a nested dict/list into `tensors` (key = dotted path) and
+    return the JSON-able remainder with {"__tensor__": key} placeholders."""
+    if isinstance(state, torch.Tensor):
+        tensors[prefix] = state.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(state, dict):
+        return {str(k): split_state(v, f"{prefix}.{k}", tensors) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(state)]
+    return state
+
+
+def join_state(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of split_state."""
+    if isinstance(state, dict):
+        if set(state) == {"__tensor__"}:
+            return tensors[state["__tensor__"]]
+        return {k: join_state(v, tensors) for k, v in state.items()}
+    if isinstance(state, list):
+        return [join_state(v, tensors) for v in state]
+    return state
+
+
+def save_checkpoint(directory: str | Path, tag: str, tensors: dict[str, torch.Tensor],
+                    meta: dict[str, Any]) -> Path:
+    """Write `<tag>.safetensors` and `<tag>.json` atomically; returns the JSON path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    st, js = d / f"{tag}.safetensors", d / f"{tag}.json"
+    st_tmp, js_tmp = d / f".{tag}.safetensors.tmp", d / f".{tag}.json.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(st_tmp))
+    sidecar = dict(meta, format=FORMAT, version=VERSION, tensors_file=st.name,
+                   tensors_sha256=_sha256(st_tmp))
+    js_tmp.write_text(json.dumps(sidecar, indent=1, sort_keys=True))
+    # Tensor file first: a crash between the two renames leaves a new tensor file with an
+    # old sidecar, which load_checkpoint rejects by hash rather than loading a mixture.
+    _fsync_replace(st_tmp, st)
+    _fsync_replace(js_tmp, js)
+    return js
+
+
+def resolve(path: str | Path) -> Path:
+    """Accept the sidecar, the tensor file or the stem; return the sidecar path."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        p = p.with_suffix(".json")
+    elif p.suffix != ".json":
+        p = p.with_name(p.name + ".json")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    return p
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    js = resolve(path)
+    try:
+        meta = json.loads(js.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{js}: corrupt checkpoint sidecar ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{js}: not a ucseg-fast checkpoint (format={meta.get('format')!r})")
+    st = js.parent / meta["tensors_file"]
+    if not st.is_file():
+        raise CheckpointError(f"{js}: tensor file {st} is missing")
+    if verify and _sha256(st) != meta["tensors_sha256"]:
+        raise CheckpointError(f"{st}: contents do not match the hash in {js.name} "
+                              "(interrupted write or files from different runs)")
+    try:
+        tensors = load_file(str(st))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise CheckpointError(f"{st}: cannot read tensors ({e})") from e
+    return tensors, meta
