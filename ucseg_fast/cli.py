@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -28,25 +29,27 @@ def cmd_train(args, extra) -> int:
     if args.resume:
         trainer.load(args.resume)
         print(f"resumed from {args.resume} at iteration {trainer.iteration}")
-    summary = trainer.train()
+    summary = trainer.train(stop_at=args.stop_at)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     return 0
 
 
 def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str):
     import torch
-    from .config import config_from_dict, load_config
+    from .config import ConfigError, config_from_dict, load_config
     from .models import build_ucseg_2d
     from .train.checkpoint import load_checkpoint
     from .train.trainer import load_model_state, resolve_device
     tensors, meta = load_checkpoint(checkpoint)
     cfg = config_from_dict(meta["config"], source=f"{checkpoint} (saved config)")
-    if overrides:  # e.g. --data.root=/full/ACDC for evaluation on another copy
+    if overrides:  # e.g. --data.root=/data/ACDC to evaluate on another copy of the data
         import dataclasses
         ov = load_config(None, overrides)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-            cfg.data, **{k: getattr(ov.data, k) for k in ("root",)
-                         if any(o.startswith(f"--data.{k}=") for o in overrides)}))
+        bad = [o for o in overrides if not o.startswith("--data.root=")]
+        if bad:
+            raise ConfigError(f"only --data.root=... can be overridden here, not {bad}: the "
+                              "rest of the configuration comes from the checkpoint")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=ov.data.root))
     device = resolve_device(device_name)
     model = build_ucseg_2d(num_classes=cfg.data.num_classes, in_channels=cfg.model.in_channels,
                            img_size=tuple(cfg.data.img_size), patch_size=cfg.model.patch_size,
@@ -57,17 +60,9 @@ def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str)
     def predict(x):
         with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16)
                                if device.type == "cuda" and cfg.train.amp == "bf16"
-                               else _null()):
+                               else contextlib.nullcontext()):
             return model.predict(x).float()
     return cfg, meta, device, predict
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def cmd_eval(args, extra) -> int:
@@ -75,6 +70,9 @@ def cmd_eval(args, extra) -> int:
     from .eval import evaluate_volumes
     from .eval.report import format_table, save_overlay_figure, write_csv, write_json
     cfg, meta, device, predict = _load_for_inference(args.checkpoint, extra, args.device)
+    if device.type == "cuda":  # exact HD95/ASD on the GPU instead of scipy on the CPU
+        from .eval import surface_gpu
+        surface_gpu.install()
     ds = SSL4MISDataset(cfg.data.root)
     names = ds.volumes(args.split)
     if args.max_volumes:
@@ -108,7 +106,7 @@ def cmd_predict(args, extra) -> int:
     src = Path(args.input)
     if not src.is_file():
         raise SystemExit(f"error: input not found: {src}")
-    spacing = None
+    spacing, nii = None, None
     if src.suffix in (".h5", ".hdf5"):
         import h5py
         with h5py.File(src, "r") as f:
@@ -130,9 +128,12 @@ def cmd_predict(args, extra) -> int:
     if img.ndim != 3:
         raise SystemExit(f"error: {src}: expected a 2D slice or a 3D volume, got shape {img.shape}")
     pred = predict_volume(predict, img, img_size=tuple(cfg.data.img_size),
-                          batch_size=args.batch_size, device=device)
+                          batch_size=args.batch_size, device=device).cpu().numpy()
     out = Path(args.output)
-    if out.name.endswith((".nii", ".nii.gz")):
+    if out.name.endswith((".nii", ".nii.gz")) and nii is not None:
+        import nibabel as nib  # same grid and orientation as the input volume
+        nib.save(nib.Nifti1Image(pred.transpose(2, 1, 0).astype(np.uint8), nii.affine), str(out))
+    elif out.name.endswith((".nii", ".nii.gz")):
         save_nifti(out, pred, spacing)
     else:
         np.save(out, pred.astype(np.uint8))
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=str(REPO / "configs" / "acdc_2d.toml"),
                    help="TOML preset (default: configs/acdc_2d.toml, the reference ACDC recipe)")
     t.add_argument("--resume", help="checkpoint (.json/.safetensors/stem) to continue exactly")
+    t.add_argument("--stop-at", type=int, metavar="N",
+                   help="stop after iteration N (saving 'last'); schedules still follow "
+                        "train.max_iterations, so --resume continues the same run")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on val or test volumes")

@@ -1,0 +1,145 @@
+"""Plain-PyTorch oracles of every fused op: the definition of what the kernels compute.
+
+Tests compare the Triton kernels with these, benchmarks time them ("reference eager" and
+"reference compiled" providers), and the functional API falls back to them where Triton cannot
+run. They are written for clarity, not speed, and are differentiated by autograd.
+
+`dtype` (keyword) picks the compute precision: None = float32 (float64 for float64 inputs),
+the op's contract. Tests also evaluate them in float64 (the oracle) and in the input's own
+precision (the "same-precision PyTorch error" that kernel tolerances are derived from).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class PseudoLabels(NamedTuple):
+    """Output of `entropy_pseudo_label`: hard labels, confidence mask, per-pixel uncertainty."""
+
+    labels: torch.Tensor  # int64 [B, *spatial]
+    mask: torch.Tensor  # bool [B, *spatial]
+    uncertainty: torch.Tensor  # float32 [B, *spatial], normalised entropy in [0, 1]
+
+
+def _compute_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def evidential_uncertainty(logits: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dirichlet vacuity u = C / Σ_c (softplus(z_c) + 1), [B, 1, *spatial] (METHOD.md §6.2)."""
+    z = logits.to(_compute_dtype(logits, dtype))
+    C = z.shape[1]
+    return C / (F.softplus(z) + 1).sum(1, keepdim=True)
+
+
+def normalized_entropy(p: torch.Tensor) -> torch.Tensor:
+    """-Σ_c p_c log p_c / log C over dim 1 (0·log 0 = 0), [B, *spatial]."""
+    return -torch.special.xlogy(p, p).sum(1) / math.log(p.shape[1])
+
+
+def entropy_pseudo_label(logits_a: torch.Tensor, logits_b: torch.Tensor,
+                         threshold: float | torch.Tensor = 0.95, *, select: str = "min_entropy",
+                         dtype: torch.dtype | None = None) -> PseudoLabels:
+    """Confidence-masked hard pseudo-labels from two subnets' logits.
+
+    min_entropy: per pixel, the softmax of the subnet with the lower normalised entropy
+    (subnet a on equality); mean: the average of the two softmaxes. labels = argmax (first
+    index on ties), mask = max_c p >= threshold, uncertainty = normalised entropy of the
+    chosen p. No gradient flows to the outputs."""
+    with torch.no_grad():
+        ct = _compute_dtype(logits_a, dtype)
+        pa = torch.softmax(logits_a.to(ct), dim=1)
+        pb = torch.softmax(logits_b.to(ct), dim=1)
+        if select == "min_entropy":
+            ha, hb = normalized_entropy(pa), normalized_entropy(pb)
+            take_a = ha <= hb
+            p = torch.where(take_a.unsqueeze(1), pa, pb)
+            h = torch.where(take_a, ha, hb)
+        elif select == "mean":
+            p = 0.5 * (pa + pb)
+            h = normalized_entropy(p)
+        else:
+            raise ValueError(f"select={select!r}: expected 'min_entropy' or 'mean'")
+        pmax, labels = p.max(dim=1)
+        thr = threshold.to(ct) if isinstance(threshold, torch.Tensor) else threshold
+        mask = pmax >= thr
+        out_dt = torch.float64 if ct == torch.float64 else torch.float32
+        return PseudoLabels(labels.to(torch.int64), mask, h.to(out_dt))
+
+
+def one_hot_labels(labels: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, C, *spatial] one-hot; labels outside [0, C) give an all-zero row (contributes 0 to
+    CE but still counts in its mean, like the reference's probability-target CE)."""
+    classes = torch.arange(C, device=labels.device).view(1, C, *([1] * (labels.dim() - 1)))
+    return (labels.unsqueeze(1) == classes).to(dtype)
+
+
+def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
+                      *, dice_weight: float = 0.0, eps: float = 1e-5,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Masked CE mean over kept pixels + dice_weight × soft Dice loss (METHOD.md §2.1, §6.5).
+
+    CE = Σ_i m_i·(−Σ_c y_ic log p_ic) / max(1, Σ_i m_i)  (no kept pixel → 0, zero gradient);
+    Dice = mean_{b,c} 1 − (2Σ p·y·m + eps) / (Σ p·m + Σ y·m + eps), sums over all spatial dims."""
+    ct = _compute_dtype(logits, dtype)
+    z = logits.to(ct)
+    C = z.shape[1]
+    logp = torch.log_softmax(z, dim=1)
+    y = one_hot_labels(labels, C, ct)
+    m = torch.ones_like(z[:, :1]) if mask is None else mask.unsqueeze(1).to(ct)
+    ce_pix = -(y * logp).sum(1, keepdim=True)
+    loss = (ce_pix * m).sum() / m.sum().clamp(min=1)
+    if dice_weight != 0.0:
+        p = torch.softmax(z, dim=1)
+        dims = tuple(range(2, z.dim()))
+        inter = (p * y * m).sum(dims)
+        union = (p * m).sum(dims) + (y * m).sum(dims)
+        dice = (1 - (2 * inter + eps) / (union + eps)).mean()
+        loss = loss + dice_weight * dice
+    return loss
+
+
+
+class CrossPseudoLoss(NamedTuple):
+    """Output of `cross_pseudo_label_loss`: each subnet's loss against the shared labels."""
+
+    loss_a: torch.Tensor  # 0-D float32, differentiable in logits_a
+    loss_b: torch.Tensor  # 0-D float32, differentiable in logits_b
+    pseudo: PseudoLabels  # the shared pseudo-labels (no gradient)
+
+
+def cross_pseudo_label_loss(logits_a: torch.Tensor, logits_b: torch.Tensor,
+                            threshold: float | torch.Tensor = 0.95, *, select: str = "min_entropy",
+                            dice_weight: float = 0.0, eps: float = 1e-5,
+                            dtype: torch.dtype | None = None) -> CrossPseudoLoss:
+    """Both subnets trained on one set of pseudo-labels: `entropy_pseudo_label` of the detached
+    logits, then `pseudo_label_loss` of each subnet against (labels, mask)."""
+    pl = entropy_pseudo_label(logits_a.detach(), logits_b.detach(), threshold, select=select,
+                              dtype=dtype)
+    kw = dict(dice_weight=dice_weight, eps=eps, dtype=dtype)
+    return CrossPseudoLoss(pseudo_label_loss(logits_a, pl.labels, pl.mask, **kw),
+                           pseudo_label_loss(logits_b, pl.labels, pl.mask, **kw), pl)
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| in float64 (test/benchmark helper; host sync)."""
+    return float((a.detach().double() - b.detach().double()).abs().max())  # sync-ok: test helper
+
+
+_OUTPUT_ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7,
+               torch.float64: 2.0**-52}
+
+
+def tolerance(oracle: torch.Tensor, baseline: torch.Tensor, *, atol: float = 0.0,
+              out_dtype: torch.dtype = torch.float32) -> float:
+    """Allowed max |ours − oracle| (DESIGN.md §7): twice the error of the same computation done
+    by PyTorch in the input's precision (`baseline`), plus `atol`, plus one rounding of the
+    largest oracle value to `out_dtype` (outputs stored in bf16/fp16, e.g. gradients)."""
+    scale = float(oracle.detach().double().abs().max()) if oracle.numel() else 0.0  # sync-ok: test helper
+    return 2.0 * max_abs_err(baseline, oracle) + atol + _OUTPUT_ULP[out_dtype] * scale
