@@ -201,6 +201,8 @@ class Trainer:
                          f"(best {self.best_dice:.4f} at {self.best_iteration})")
             if self.iteration % tc.checkpoint_every == 0 or halt:
                 self.save("last")
+            if self.iteration % tc.val_every == 0 or self.iteration % tc.checkpoint_every == 0:
+                t_last = time.perf_counter()  # keep validation / saving out of step_ms
         if bar is not None:
             bar.close()
         return {"iterations": self.iteration, "best_val_dice": self.best_dice,
