@@ -80,7 +80,7 @@ def test_training_logs_and_best_checkpoint(acdc_root, tmp_path):
     recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in recs if "L" in r]
     vals = [r for r in recs if "val_dice" in r]
-    assert [r["iteration"] for r in steps] == [1, 2] and [r["iteration"] for r in vals] == [1, 2]
+    assert [r["iteration"] for r in steps] == [1, 2] and [r["iteration"] for r in vals] == [0, 1, 2]
     for r in steps:
         assert all(k in r for k in ("sup1", "pseudo", "unsup1", "ic", "ife1", "gate1", "img_per_s"))
         assert r["lr"] == pytest.approx(lr_at(r["iteration"] - 1, 0.01, 2))

@@ -160,6 +160,13 @@ class Trainer:
                        dynamic_ncols=True, mininterval=1.0)
         self.log(f"training {self.cfg.name} on {self.device} from iteration {self.iteration} "
                  f"to {T}; data {self.cfg.data.root}; output {self.out_dir}")
+        if self.iteration == 0 and not self.history:
+            # the untrained model's score: the baseline every later validation is compared to
+            start = self.validate()
+            self.history.append({"iteration": 0, "val_dice": start})
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"iteration": 0, "val_dice": start}) + "\n")
+            t_last = time.perf_counter()
         while self.iteration < stop:
             t = self.iteration
             batch = self.stream.next()
