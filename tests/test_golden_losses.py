@@ -5,8 +5,6 @@ tolerance class the README gives it. Skips when the golden files are absent.
 """
 from __future__ import annotations
 
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -21,46 +19,12 @@ AU_T = {"t0": 0, "t05": 25000, "t1": 50000}
 
 
 def _schedules():
-    # The train package imports the Trainer; fall back to loading the module on its own so a
-    # broken sibling module cannot hide schedule parity.
-    try:
-        from ucseg_fast.train import schedules
-        return schedules
-    except ImportError:
-        import importlib.util
-        from pathlib import Path
-
-        path = Path(__file__).resolve().parents[1] / "ucseg_fast" / "train" / "schedules.py"
-        spec = importlib.util.spec_from_file_location("_ucseg_schedules_standalone", path)
-        mod = importlib.util.module_from_spec(spec)
-        assert spec.loader is not None
-        spec.loader.exec_module(mod)
-        return mod
+    from ucseg_fast.train import schedules
+    return schedules
 
 
-def _scipy_largest_component(labels_BS: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Test-only fallback of ops.components.largest_component (8/26-connectivity, raster tie)."""
-    from scipy import ndimage
-
-    arr = labels_BS.cpu().numpy()
-    out = np.zeros_like(arr)
-    for b in range(arr.shape[0]):
-        structure = np.ones((3,) * (arr.ndim - 1), bool)
-        for c in range(1, num_classes):
-            lab, n = ndimage.label(arr[b] == c, structure=structure)
-            if n:
-                out[b][lab == int(np.argmax(np.bincount(lab.ravel())[1:])) + 1] = c
-    return torch.from_numpy(out)
 
 
-@pytest.fixture(autouse=True)
-def components_op(monkeypatch):
-    try:
-        import ucseg_fast.ops.components  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("ucseg_fast.ops.components")
-        mod.largest_component = _scipy_largest_component
-        monkeypatch.setitem(sys.modules, "ucseg_fast.ops.components", mod)
 
 
 @pytest.fixture(scope="module")

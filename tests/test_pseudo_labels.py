@@ -1,8 +1,6 @@
 """Pseudo-label rules and copy-paste mixing (ucseg_fast.pseudo_labels)."""
 from __future__ import annotations
 
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -11,31 +9,8 @@ import torch
 from ucseg_fast import pseudo_labels as PL
 
 
-def _scipy_largest_component(labels_BS: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Test-only oracle of ops.components.largest_component (full connectivity, raster tie)."""
-    from scipy import ndimage
-
-    arr = labels_BS.cpu().numpy()
-    out = np.zeros_like(arr)
-    for b in range(arr.shape[0]):
-        structure = np.ones((3,) * (arr.ndim - 1), bool)
-        for c in range(1, num_classes):
-            lab, n = ndimage.label(arr[b] == c, structure=structure)  # raster-order numbering
-            if n:
-                sizes = np.bincount(lab.ravel())[1:]
-                out[b][lab == int(np.argmax(sizes)) + 1] = c  # argmax: first on ties
-    return torch.from_numpy(out).to(labels_BS.device)
 
 
-@pytest.fixture(autouse=True)
-def components_op(monkeypatch):
-    """Use the real op when it exists, the scipy oracle above otherwise."""
-    try:
-        import ucseg_fast.ops.components  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("ucseg_fast.ops.components")
-        mod.largest_component = _scipy_largest_component
-        monkeypatch.setitem(sys.modules, "ucseg_fast.ops.components", mod)
 
 
 def _logits_from_map(cls_map: torch.Tensor, C: int, hi: float = 5.0) -> torch.Tensor:

@@ -74,6 +74,26 @@ class UCSegObjective(nn.Module):
             return Y_u, None
 
     @staticmethod
+    def _diff(out) -> tuple[Tensor, Tensor]:
+        """The reference's gradient-free BCE between the subnets (logged, added as constants)."""
+        p1 = torch.softmax(out.z1.detach().float(), 1)
+        p2 = torch.softmax(out.z2.detach().float(), 1)
+        return diff_loss(p1, p2), diff_loss(p2, p1)
+
+    def _contrast(self, out) -> tuple[Tensor, list[Tensor], list[list[Tensor]]]:
+        """IC and IFE of one forward (queues read as they are now) and the three feature levels."""
+        zero = out.z1.new_zeros((), dtype=torch.float32)
+        if self.ccp is None:
+            return zero, [zero, zero], [[], []]
+        f1, f2 = list(out.feats1[-3:]), list(out.feats2[-3:])
+        with torch.no_grad():
+            masks = [prediction_masks(out.z1.detach(), nms=self.nms),
+                     prediction_masks(out.z2.detach(), nms=self.nms)]
+        ic = self.ccp.ic(f1, f2)[0]
+        ife = [self.ccp.ife(f1, masks[0], 1)[0], self.ccp.ife(f2, masks[1], 2)[0]]
+        return ic, ife, [f1, f2]
+
+    @staticmethod
     def _unsup(logits: Tensor, Y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """CE + Dice against a hard target; masked variants average over kept pixels."""
         if mask is None:
@@ -114,22 +134,13 @@ class UCSegObjective(nn.Module):
         Y_u, mask_u = self._pseudo_targets(out, Bl, sched.tau)
         Y_u = Y_u.to(ftype)
 
-        p1 = torch.softmax(out.z1.detach().float(), 1)
-        p2 = torch.softmax(out.z2.detach().float(), 1)
-        diff = (diff_loss(p1, p2), diff_loss(p2, p1))
-
-        zero = out.z1.new_zeros((), dtype=torch.float32)
-        ic, ife = zero, [zero, zero]
+        diff = self._diff(out)
+        ic, ife, feats = self._contrast(out)
         if self.ccp is not None:
-            f1, f2 = list(out.feats1[-3:]), list(out.feats2[-3:])
-            with torch.no_grad():
-                masks = [prediction_masks(out.z1.detach(), nms=self.nms),
-                         prediction_masks(out.z2.detach(), nms=self.nms)]
-            ic = self.ccp.ic(f1, f2)[0]
-            ife = [self.ccp.ife(f1, masks[0], 1)[0], self.ccp.ife(f2, masks[1], 2)[0]]
+            # after this step's IFE, before the mixed IFE: the reference's order
             with torch.no_grad():
                 label_all = torch.cat([y_oh, Y_u], 0)
-                for k, (z, f) in enumerate(((out.z1, f1), (out.z2, f2)), start=1):
+                for k, (z, f) in enumerate(((out.z1, feats[0]), (out.z2, feats[1])), start=1):
                     gate = self._gate(z[:Bl].detach(), y_oh)
                     terms[f"gate{k}"] = gate
                     self.ccp.enqueue([t.detach() for t in f], label_all, k, gate > sched.thr)
@@ -162,17 +173,8 @@ class UCSegObjective(nn.Module):
                 dice_m = dice_loss(torch.softmax(acc(z), 1), y_mix)
                 mix.append(ce_m + dice_m)
                 terms.update({f"ce{k}_m": ce_m, f"dice{k}_m": dice_m})
-            pm1 = torch.softmax(outm.z1.detach().float(), 1)
-            pm2 = torch.softmax(outm.z2.detach().float(), 1)
-            diffmix = [diff_loss(pm1, pm2), diff_loss(pm2, pm1)]
-            icm, ifem = zero, [zero, zero]
-            if self.ccp is not None:
-                f1m, f2m = list(outm.feats1[-3:]), list(outm.feats2[-3:])
-                with torch.no_grad():
-                    mm = [prediction_masks(outm.z1.detach(), nms=self.nms),
-                          prediction_masks(outm.z2.detach(), nms=self.nms)]
-                icm = self.ccp.ic(f1m, f2m)[0]
-                ifem = [self.ccp.ife(f1m, mm[0], 1)[0], self.ccp.ife(f2m, mm[1], 2)[0]]
+            diffmix = self._diff(outm)
+            icm, ifem, _ = self._contrast(outm)
             terms.update({"icmix": icm, "ife1mix": ifem[0], "ife2mix": ifem[1],
                           "diffmix1": diffmix[0], "diffmix2": diffmix[1],
                           "mix1": mix[0], "mix2": mix[1]})

@@ -161,6 +161,7 @@ class Trainer:
         self.log(f"training {self.cfg.name} on {self.device} from iteration {self.iteration} "
                  f"to {T}; data {self.cfg.data.root}; output {self.out_dir}")
         if self.iteration == 0 and not self.history:
+            log_path.write_text("")  # a fresh run starts a fresh log (a resumed one appends)
             # the untrained model's score: the baseline every later validation is compared to
             start = self.validate()
             self.history.append({"iteration": 0, "val_dice": start})
