@@ -38,6 +38,15 @@ class DataConfig:
     rotate_limit: float = 10.0
     distort_p: float = 0.25
     dropout_p: float = 0.5
+    # Pipeline: "torch" (TrainStream, batched torch augmentation) or "dali" (DALI operators,
+    # GPU decoding; ucseg_fast.data.factory.build_train_stream picks).
+    backend: str = "torch"
+    # "ssl4mis" (HDF5 + .list files) or "folder" (<root>/{labeled,unlabeled,val}/image|mask).
+    format: str = "ssl4mis"
+    # Optional unlabeled-only archive: a manifest file of image paths (streamed, sharded per rank).
+    unlabeled_manifest: str = ""
+    # Folder masks: "auto" | "index" (class ids) | "binary" (gray/255 > 0.5).
+    mask_mode: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,16 @@ class TrainConfig:
     amp: str = "bf16"
     channels_last: bool = True
     step_mode: str = "eager"
+    # torch.compile options of step_mode = "compile" (backend "aot_eager" = no Inductor, for tests)
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"
+    # eager steps of each phase before its CUDA graph is captured (step_mode = "graph")
+    graph_warmup: int = 3
+    # "foreach": SGD on torch._foreach ops reading the lr device tensor (no sync, graph-safe);
+    # "fused": torch's fused SGD kernel (tensor lr); "apex": apex FusedSGD when importable
+    optimizer: str = "foreach"
+    # DDP only: convert BatchNorm to SyncBatchNorm (the reference has per-GPU statistics)
+    sync_bn: bool = False
     log_every: int = 50
     val_every: int = 200
     checkpoint_every: int = 1000
@@ -110,6 +129,9 @@ class Config:
 
 
 _CHOICES = {
+    ("data", "backend"): ("torch", "dali"),
+    ("data", "format"): ("ssl4mis", "folder"),
+    ("data", "mask_mode"): ("auto", "index", "binary"),
     ("model", "uncertainty"): ("torch", "fused"),
     ("loss", "pseudo_mode"): ("fusion", "entropy", "fusion+mask"),
     ("loss", "queue_pointer"): ("shared", "per_class"),
@@ -117,6 +139,10 @@ _CHOICES = {
     ("loss", "queue_gate"): ("soft", "hard"),
     ("train", "amp"): ("bf16", "fp16", "none"),
     ("train", "step_mode"): ("eager", "compile", "graph"),
+    ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune",
+                                "max-autotune-no-cudagraphs"),
+    ("train", "compile_backend"): ("inductor", "aot_eager", "eager"),
+    ("train", "optimizer"): ("foreach", "fused", "apex"),
 }
 _ALLOWED_LABELED = (3, 7, 14, 21, 28, 35, 70, 140)
 

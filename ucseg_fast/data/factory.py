@@ -1,0 +1,189 @@
+"""One entry point from the ``[data]`` config to a training stream (torch or DALI backend).
+
+For the trainer::
+
+    from ucseg_fast.data.factory import build_train_stream
+    stream = build_train_stream(cfg.data, device=device, seed=cfg.train.seed, rank=rank,
+                                world_size=world_size, channels=cfg.model.in_channels)
+    batch = stream.next()                  # Batch(x_l [Bl,C,H,W], y_l [Bl,H,W] int64, x_u [Bu,C,H,W])
+    state = stream.state_dict()            # JSON; stream.load_state_dict(state) resumes exactly
+    stream.epoch_length                    # floor(n_labeled / labeled_bs), the reference's epoch
+
+Every returned stream has ``next()``, ``__next__``, ``state_dict()``, ``load_state_dict()``,
+``epoch_length``, ``img_size`` and ``n_labeled``.
+
+* ``format="ssl4mis"``: labeled = slices of the first ``labeled_patients`` patients of
+  ``train_slices.list``, the rest unlabeled (as the trainer does today).
+* ``format="folder"``: labeled = ``<root>/labeled``, unlabeled = ``<root>/unlabeled``.
+* ``unlabeled_manifest``: the unlabeled stream comes from that manifest instead (sharded by
+  ``rank``/``world_size``; torch backend: decoded on the CPU, augmented on the device; DALI:
+  decoded by DALI).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .augment import augment_2d
+from .batch import Batch
+from .folders import FolderDataset
+from .manifest import ManifestStream
+from .ssl4mis import DataError, SSL4MISDataset, slices_of_first_patients
+from .stream import TrainStream, _torch_seed
+
+__all__ = ["ManifestTrainStream", "augment_kwargs", "build_train_stream"]
+
+
+def augment_kwargs(data: Any) -> dict[str, Any]:
+    """`augment_2d` keyword arguments from a `DataConfig` (all off when ``augment = false``)."""
+    aug = dict(hflip_p=data.hflip_p, vflip_p=data.vflip_p, ssr_p=data.ssr_p, shift_limit=data.shift_limit,
+               scale_limit=data.scale_limit, rotate_limit=data.rotate_limit, distort_p=data.distort_p,
+               dropout_p=data.dropout_p)
+    if not data.augment:
+        aug.update(hflip_p=0.0, vflip_p=0.0, ssr_p=0.0, distort_p=0.0, dropout_p=0.0)
+    return aug
+
+
+class ManifestTrainStream:
+    """torch backend with an unlabeled manifest: labeled batches from a `TrainStream` (cache on the
+    device), unlabeled images decoded on the CPU from the manifest, augmented on the device."""
+
+    def __init__(self, labeled: TrainStream, manifest: ManifestStream, unlabeled_bs: int,
+                 augment: dict[str, Any], seed: int, rank: int) -> None:
+        self.labeled, self.manifest, self.unlabeled_bs = labeled, manifest, int(unlabeled_bs)
+        self.augment = augment
+        self.device = labeled.device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(_torch_seed(seed + 1, rank))
+        self.n_labeled = labeled.n_labeled
+
+    @property
+    def epoch_length(self) -> int:
+        return self.labeled.epoch_length
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self.labeled.img_size
+
+    def next(self) -> Batch:
+        b = self.labeled.next()
+        x_u_B1HW = torch.from_numpy(self.manifest.next_batch(self.unlabeled_bs)).unsqueeze(1)
+        if self.device.type == "cuda":
+            x_u_B1HW = x_u_B1HW.pin_memory()
+        x_u_B1HW = x_u_B1HW.to(self.device, non_blocking=True)
+        x_u_B1HW, _ = augment_2d(x_u_B1HW, None, self.generator, **self.augment)
+        c = b.x_l.shape[1]
+        return Batch(x_l=b.x_l, y_l=b.y_l, x_u=x_u_B1HW.expand(-1, c, -1, -1).contiguous())
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        return self.next()
+
+    def state_dict(self) -> dict[str, Any]:
+        import base64
+
+        return {"labeled": self.labeled.state_dict(), "manifest": self.manifest.state_dict(),
+                "generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import base64
+
+        self.labeled.load_state_dict(state["labeled"])
+        self.manifest.load_state_dict(state["manifest"])
+        raw = base64.b64decode(state["generator"])
+        self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def _folder_cache(data: Any) -> tuple[FolderDataset, torch.Tensor, torch.Tensor, int, list[Path]]:
+    ds = FolderDataset(data.root, num_classes=data.num_classes, mask_mode=data.mask_mode)
+    size = tuple(data.img_size)
+    x_l, y_l = ds.load_split("labeled", size)
+    assert y_l is not None
+    return ds, x_l, y_l, int(x_l.shape[0]), ds.images("unlabeled")
+
+
+def build_train_stream(
+    data: Any,
+    *,
+    device: torch.device | str,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    channels: int = 3,
+):
+    """Build the training stream described by ``data`` (a `DataConfig`).
+
+    Args:
+        data: the ``[data]`` section: ``root``, ``format``, ``backend``, ``num_classes``,
+            ``labeled_patients`` (ssl4mis), ``img_size``, ``labeled_bs``, ``unlabeled_bs``,
+            augmentation fields, ``unlabeled_manifest``, ``mask_mode`` (folder).
+        device: training device (cache, augmentation and batches live there).
+        seed: ``train.seed``; rank/world_size: data-parallel replica.
+        channels: ``model.in_channels`` (gray repeated).
+
+    Returns:
+        `TrainStream`, `ManifestTrainStream` or `DaliTrainStream`.
+    """
+    aug = augment_kwargs(data)
+    size = (int(data.img_size[0]), int(data.img_size[1]))
+    manifest = None
+    if data.unlabeled_manifest:
+        manifest = ManifestStream(data.unlabeled_manifest, rank=rank, world_size=world_size, size=size)
+    if data.format == "ssl4mis":
+        ds = SSL4MISDataset(data.root, num_classes=data.num_classes)
+        names = ds.train_slices
+        n_l = slices_of_first_patients(names, data.labeled_patients)
+        if manifest is None and n_l >= len(names):
+            raise DataError(f"{data.root}: train_slices.list has {len(names)} slices, all labeled "
+                            f"with {data.labeled_patients} patients: no unlabeled data")
+        if manifest is not None:
+            names = names[:n_l]
+        images, labels = ds.load_slices(names, size=size)
+        unlabeled_files: list[Path] = []
+    elif data.format == "folder":
+        _, images, labels, n_l, unlabeled_files = _folder_cache(data)
+        if manifest is None and not unlabeled_files:
+            raise DataError(f"{data.root}: no unlabeled/image files and no data.unlabeled_manifest")
+    else:
+        raise ValueError(f"data.format = {data.format!r}; choose 'ssl4mis' or 'folder'")
+
+    if data.format == "folder" and manifest is None and data.backend == "torch":
+        # torch backend: the unlabeled folder is cached too (decoded once, on the CPU).
+        fds = FolderDataset(data.root, num_classes=data.num_classes, mask_mode=data.mask_mode)
+        x_u, _ = fds.load_split("unlabeled", size, with_labels=False)
+        images = torch.cat([images, x_u])
+        labels = torch.cat([labels, torch.zeros((x_u.shape[0], *size), dtype=labels.dtype)])
+
+    common = dict(labeled_bs=data.labeled_bs, seed=seed, device=device, rank=rank, world_size=world_size,
+                  channels=channels)
+    if data.backend == "dali":
+        from .dali import DaliTrainStream
+
+        return DaliTrainStream(
+            images, labels, n_labeled=n_l, unlabeled_bs=data.unlabeled_bs, augment=aug,
+            unlabeled_files=unlabeled_files if (data.format == "folder" and manifest is None) else None,
+            unlabeled_manifest=manifest, **common)
+    if data.backend != "torch":
+        raise ValueError(f"data.backend = {data.backend!r}; choose 'torch' or 'dali'")
+    if manifest is not None:
+        lab = _from_cache(images, labels, n_l, 0, aug, common)
+        return ManifestTrainStream(lab, manifest, data.unlabeled_bs, aug, seed, rank)
+    return _from_cache(images, labels, n_l, data.unlabeled_bs, aug, common)
+
+
+def _from_cache(images: torch.Tensor, labels: torch.Tensor, n_l: int, unlabeled_bs: int,
+                aug: dict[str, Any], common: dict[str, Any]) -> TrainStream:
+    if images.dim() == 3 or images.shape[1] == 1:
+        return TrainStream.from_tensors(images.reshape(images.shape[0], *images.shape[-2:]), labels,
+                                        n_labeled=n_l, unlabeled_bs=unlabeled_bs, augment=aug, **common)
+    # RGB cache: TrainStream stores [N, 1, H, W]; give it the first channel, then swap in the
+    # full [N, 3, H, W] cache (its augmentation and channel expand work for any C).
+    stream = TrainStream.from_tensors(images[:, 0], labels, n_labeled=n_l, unlabeled_bs=unlabeled_bs,
+                                      augment=aug, **common)
+    stream.images_N1HW = images.to(stream.device, torch.float32).contiguous()
+    return stream

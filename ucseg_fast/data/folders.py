@@ -1,0 +1,283 @@
+"""PNG/JPEG image + mask folders (colonoscopy, dermoscopy, ultrasound, exported slices).
+
+Layout = the reference's "2D generic" one (METHOD.md §3)::
+
+    <root>/labeled/image/<name>.<png|jpg|...>     <root>/labeled/mask/<name>.<png|...>
+    <root>/unlabeled/image/<name>.<...>           (masks, if present, are never read)
+    <root>/val/image/<name>.<...>                 <root>/val/mask/<name>.<...>
+
+A mask lives at the image's path with ``image`` -> ``mask``; the same file name first, else the
+same stem with any image extension (JPEG images with PNG masks are common). Every image of
+``labeled/`` is labeled (the reference's ``n_l`` equals that folder's size).
+
+Masks:
+* ``mask_mode="index"``: pixel values are class ids; a value >= ``num_classes`` is an error.
+* ``mask_mode="binary"``: the reference's rule ``gray / 255 > 0.5`` -> class 1 (0/255 masks,
+  JPEG-compressed masks).
+* ``mask_mode="auto"`` (default): ``index`` when every value is < ``num_classes``, else ``binary``
+  when ``num_classes == 2``, else an error naming the file.
+Palette PNGs give their palette indices; other colour masks are converted to gray first.
+
+Images are decoded with Pillow (a matplotlib dependency, so always present here) to float32 in
+[0, 1] (8-bit / 255, 16-bit / 65535, float TIFF as stored), as gray ``[1, H, W]`` or RGB
+``[3, H, W]``. The reference reads BGR with OpenCV; RGB here (channel order is irrelevant for a
+network trained from scratch). Files are listed in sorted name order (the reference uses
+``os.listdir`` order, which is file-system dependent). Every labeled pair is checked when it is
+read: an unreadable image, a mask of another size or a label outside the class set is a
+`DataError` naming the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .ssl4mis import DataError, resize_nearest
+
+__all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "decode_image", "decode_mask", "export_folder", "ssl4mis_to_npy"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("labeled", "unlabeled", "val")
+MASK_MODES = ("auto", "index", "binary")
+
+
+def _open(path: str | os.PathLike[str]):
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        img = Image.open(path)
+        img.load()  # decode now, so a truncated file fails here with its name
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    return img
+
+
+def _to_float(arr: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype in (np.uint16, np.int32) and arr.max(initial=0) <= 65535:
+        return arr.astype(np.float32) / 65535.0
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float32)
+    raise DataError(f"{path}: unsupported pixel type {arr.dtype}")
+
+
+def decode_image(path: str | os.PathLike[str], *, channels: int = 1) -> np.ndarray:
+    """Decode an image file to float32 ``[channels, H, W]`` in [0, 1] (``channels`` 1 or 3).
+    No pathlib here: `ManifestStream` calls it for millions of names (pathlib interns parts)."""
+    img = _open(path)
+    if channels == 1:
+        if img.mode not in ("L", "I;16", "I;16B", "I", "F"):
+            img = img.convert("L")
+        arr = np.asarray(img)
+        if arr.ndim != 2:
+            raise DataError(f"{path}: expected a single-channel image, got shape {arr.shape}")
+        return _to_float(arr, path)[None]
+    if channels == 3:
+        arr = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+        return _to_float(arr, path).transpose(2, 0, 1).copy()
+    raise ValueError(f"channels must be 1 or 3, got {channels}")
+
+
+def decode_mask(path: str | os.PathLike[str], *, num_classes: int, mask_mode: str = "auto") -> np.ndarray:
+    """Decode a mask file to class ids uint8 ``[H, W]`` (see the module docstring for the modes)."""
+    path = Path(path)
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    img = _open(path)
+    if img.mode not in ("L", "P", "I;16", "I", "1"):
+        img = img.convert("L")
+    arr = np.asarray(img)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a single-channel mask, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
+        raise DataError(f"{path}: mask must hold integer class ids, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    hi = int(arr.max(initial=0))
+    mode = mask_mode
+    if mode == "auto":
+        mode = "index" if hi < num_classes else ("binary" if num_classes == 2 else "index")
+    if mode == "binary":
+        if hi > 255:
+            raise DataError(f"{path}: binary mask value {hi} > 255")
+        return (arr > 127).astype(np.uint8)  # gray / 255 > 0.5, the reference's rule
+    if hi >= num_classes or int(arr.min(initial=0)) < 0:
+        raise DataError(
+            f"{path}: mask value {hi} outside the class set [0, {num_classes}) "
+            f"(mask_mode={mask_mode!r}; 0/255 masks need num_classes=2 or mask_mode='binary')"
+        )
+    return arr.astype(np.uint8)
+
+
+class FolderDataset:
+    """Reader of one image+mask folder in the 2D generic layout.
+
+    Args:
+        root: folder holding ``labeled/``, ``unlabeled/`` (optional) and ``val/`` (optional).
+        num_classes: class count (2 for binary tasks); labels are checked against it.
+        mask_mode: ``auto`` | ``index`` | ``binary``.
+        channels: 1 (gray; the trainer repeats it like ACDC's) or 3 (RGB); 0 = decided from the
+            first labeled image (gray modes -> 1, anything else -> 3).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, num_classes: int, mask_mode: str = "auto", channels: int = 0
+    ) -> None:
+        self.root = Path(root)
+        if not (self.root / "labeled" / "image").is_dir():
+            raise FileNotFoundError(f"image folder dataset: {self.root / 'labeled' / 'image'} not found "
+                                    "(layout <root>/{labeled,unlabeled,val}/image/*, masks under mask/)")
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.mask_mode = mask_mode
+        labeled = self.images("labeled")
+        if not labeled:
+            raise DataError(f"{self.root / 'labeled' / 'image'}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        if channels == 0:
+            mode = _open(labeled[0]).mode
+            channels = 1 if mode in ("L", "I;16", "I;16B", "I", "F", "1") else 3
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 0, 1 or 3, got {channels}")
+        self.channels = int(channels)
+
+    def images(self, split: str) -> list[Path]:
+        """Sorted image files of ``split`` (empty when the split folder does not exist)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        folder = self.root / split / "image"
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+    def mask_path(self, image_path: Path) -> Path:
+        """``<split>/image/<name>`` -> ``<split>/mask/<name>`` (or the same stem, another extension)."""
+        mask_dir = image_path.parent.parent / "mask"
+        same = mask_dir / image_path.name
+        if same.is_file():
+            return same
+        for ext in IMAGE_EXTENSIONS:
+            cand = mask_dir / f"{image_path.stem}{ext}"
+            if cand.is_file():
+                return cand
+        raise FileNotFoundError(f"mask of {image_path} not found (looked for {same} and {image_path.stem}.*)")
+
+    def read_pair(self, image_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """Image float32 ``[C, H, W]`` and label uint8 ``[H, W]``, checked against each other."""
+        image = decode_image(image_path, channels=self.channels)
+        mpath = self.mask_path(image_path)
+        label = decode_mask(mpath, num_classes=self.num_classes, mask_mode=self.mask_mode)
+        if label.shape != image.shape[1:]:
+            raise DataError(
+                f"{mpath}: mask size {label.shape[1]}x{label.shape[0]} != image size "
+                f"{image.shape[2]}x{image.shape[1]} of {image_path}"
+            )
+        return image, label
+
+    def load_split(
+        self, split: str, size: tuple[int, int], *, with_labels: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read a whole split into memory, resized with OpenCV's INTER_NEAREST rule (the
+        reference's first transform): images float32 ``[N, C, H, W]``, labels uint8 ``[N, H, W]``."""
+        paths = self.images(split)
+        h, w = int(size[0]), int(size[1])
+        images = torch.empty((len(paths), self.channels, h, w), dtype=torch.float32)
+        labels = torch.empty((len(paths), h, w), dtype=torch.uint8) if with_labels else None
+        for i, p in enumerate(paths):
+            if with_labels:
+                image, label = self.read_pair(p)
+                assert labels is not None
+                labels[i] = torch.from_numpy(np.ascontiguousarray(resize_nearest(label, (h, w))))
+            else:
+                image = decode_image(p, channels=self.channels)
+            images[i] = torch.from_numpy(np.ascontiguousarray(resize_nearest(image, (h, w))))
+        return images, labels
+
+    def __repr__(self) -> str:
+        return (f"FolderDataset(root={str(self.root)!r}, num_classes={self.num_classes}, "
+                f"mask_mode={self.mask_mode!r}, channels={self.channels})")
+
+
+# ---------------------------------------------------------------------------- prepare helpers
+def _to_uint8(image_HW: np.ndarray) -> np.ndarray:
+    """Per-slice min-max to 0..255 (ACDC slices are float; PNG/JPEG need 8 bits)."""
+    lo, hi = float(image_HW.min()), float(image_HW.max())
+    return np.round((image_HW - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8)
+
+
+def export_folder(src: str | os.PathLike[str], out: str | os.PathLike[str], *, fmt: str = "png",
+                  labeled_patients: int = 7, max_val_volumes: int = 0) -> dict[str, int]:
+    """SSL4MIS folder -> the 2D generic layout: slices of the first ``labeled_patients`` patients of
+    ``train_slices.list`` -> ``labeled/``, the rest -> ``unlabeled/``, val volumes sliced ->
+    ``val/``. Images 8-bit gray (per-slice min-max) as PNG or JPEG (quality 95); masks always PNG
+    with class ids (lossless). Returns the file count per split."""
+    from PIL import Image
+
+    from .ssl4mis import SSL4MISDataset, slices_of_first_patients
+
+    if fmt not in ("png", "jpg"):
+        raise ValueError(f"export format must be 'png' or 'jpg', got {fmt!r}")
+    ds = SSL4MISDataset(src)
+    out = Path(out)
+    names = ds.train_slices
+    n_l = slices_of_first_patients(names, labeled_patients)
+    counts = {"labeled": 0, "unlabeled": 0, "val": 0}
+
+    def write(split: str, name: str, image: np.ndarray, label: np.ndarray) -> None:
+        (out / split / "image").mkdir(parents=True, exist_ok=True)
+        (out / split / "mask").mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(_to_uint8(image), mode="L")
+        if fmt == "jpg":
+            im.save(out / split / "image" / f"{name}.jpg", quality=95)
+        else:
+            im.save(out / split / "image" / f"{name}.png")
+        Image.fromarray(label.astype(np.uint8), mode="L").save(out / split / "mask" / f"{name}.png")
+        counts[split] += 1
+
+    for i, name in enumerate(names):
+        image, label = ds.read_slice(name)
+        write("labeled" if i < n_l else "unlabeled", name, image, label)
+    if (ds.root / "val.list").is_file():
+        vols = ds.volumes("val")
+        for v in vols[: max_val_volumes or len(vols)]:
+            image, label = ds.read_volume(v)
+            for z in range(image.shape[0]):
+                write("val", f"{v}_slice_{z + 1}", image[z], label[z])
+    return counts
+
+
+def ssl4mis_to_npy(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
+    """SSL4MIS HDF5 -> ``.npy`` pairs (for DALI ``readers.numpy``): ``<out>/slices/<name>_image.npy``
+    (float32) and ``_label.npy`` (uint8), volumes under ``<out>/volumes/``; list files copied.
+    Returns the number of pairs written."""
+    import shutil
+
+    from .ssl4mis import SSL4MISDataset
+
+    ds = SSL4MISDataset(src)
+    out = Path(out)
+    n = 0
+    (out / "slices").mkdir(parents=True, exist_ok=True)
+    for name in ds.train_slices:
+        image, label = ds.read_slice(name)
+        np.save(out / "slices" / f"{name}_image.npy", image.astype(np.float32))
+        np.save(out / "slices" / f"{name}_label.npy", label.astype(np.uint8))
+        n += 1
+    for split in ("val", "test"):
+        if (ds.root / f"{split}.list").is_file():
+            (out / "volumes").mkdir(parents=True, exist_ok=True)
+            for v in ds.volumes(split):
+                image, label = ds.read_volume(v)
+                np.save(out / "volumes" / f"{v}_image.npy", image.astype(np.float32))
+                np.save(out / "volumes" / f"{v}_label.npy", label.astype(np.uint8))
+                n += 1
+    for lst in ("train_slices.list", "val.list", "test.list"):
+        if (ds.root / lst).is_file():
+            shutil.copyfile(ds.root / lst, out / lst)
+    return n
