@@ -1,6 +1,7 @@
 """One whole UC-Seg training step (both subnets, UPG, all losses, backward, SGD) at the
 ACDC shape (batch 12 labeled + 12 unlabeled, 256x256, 4 classes) on synthetic device data,
-eager. On CPU it runs as a smoke test at a tiny shape."""
+in eager, compile and graph modes. On CPU it runs as a smoke test at a tiny shape (compile with
+the aot_eager backend; graph falls back to eager with a warning)."""
 from __future__ import annotations
 
 import pytest
@@ -11,11 +12,18 @@ from ucseg_fast.train.bench import build_step
 from bench_utils import sync
 
 
+@pytest.mark.filterwarnings("ignore:train.step_mode = 'graph' needs CUDA")
+@pytest.mark.parametrize("mode", ["eager", "compile", "graph"])
 @pytest.mark.parametrize("phase2", [False, True], ids=["phase1", "phase2"])
-def test_step_eager(benchmark, provenance, on_gpu, phase2):
+def test_step(benchmark, provenance, on_gpu, phase2, mode):
     bs, img = (12, 256) if on_gpu else (1, 64)
-    step, batch, dev = build_step(labeled_bs=bs, img=img, phase2=phase2)
-    for _ in range(3 if on_gpu else 1):
+    nms = True
+    if mode == "graph" and on_gpu:
+        from ucseg_fast.ops.components import _native_cuda
+        nms = _native_cuda() is not None  # graph capture needs the native CC library
+    step, batch, dev = build_step(labeled_bs=bs, img=img, phase2=phase2, mode=mode, nms=nms,
+                                  compile_backend="inductor" if on_gpu else "aot_eager")
+    for _ in range(5 if on_gpu else 1):
         step(batch)
     sync()
     if on_gpu:
@@ -29,7 +37,7 @@ def test_step_eager(benchmark, provenance, on_gpu, phase2):
     loss = benchmark(target)
     assert torch.isfinite(loss)
     benchmark.extra_info.update(provenance)
-    benchmark.extra_info.update({"batch": f"{bs}+{bs}", "img": img, "mode": "eager",
+    benchmark.extra_info.update({"batch": f"{bs}+{bs}", "img": img, "mode": mode, "nms": nms,
                                  "phase": 2 if phase2 else 1})
     if on_gpu:
         benchmark.extra_info["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9

@@ -96,3 +96,18 @@ def test_predict_nifti_keeps_grid(trained, synthetic, tmp_path):
                  "--output", str(out)]) == 0
     res = nib.load(str(out))
     assert res.shape == img.transpose(2, 1, 0).shape and np.allclose(res.affine, affine)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
+def test_train_image_folder_with_each_backend(synthetic, tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed")
+    folder = tmp_path / "png"
+    assert main(["prepare", "export", "--src", str(synthetic), "--out", str(folder),
+                 "--labeled-patients", "3"]) == 0
+    out = tmp_path / "run"
+    assert main(["train", "--config", "configs/demo.toml", f"--data.root='{folder}'",
+                 "--data.format='folder'", f"--data.backend='{backend}'",
+                 f"--train.out_dir='{out}'", "--train.max_val_volumes=2", *TINY]) == 0
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["iteration"] for r in recs if "L" in r] == [1, 2, 3]

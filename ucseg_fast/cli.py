@@ -29,8 +29,14 @@ def cmd_train(args, extra) -> int:
     if args.resume:
         trainer.load(args.resume)
         print(f"resumed from {args.resume} at iteration {trainer.iteration}")
-    summary = trainer.train(stop_at=args.stop_at)
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+    try:
+        summary = trainer.train(stop_at=args.stop_at)
+    finally:
+        if trainer.dist.enabled:  # torchrun: leave the process group cleanly
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    if trainer.dist.is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     return 0
 
 
@@ -162,9 +168,22 @@ def cmd_prepare(args, extra) -> int:
 
 
 def cmd_bench(args, extra) -> int:
+    if args.what == "e2e":
+        from .train.bench import bench_e2e
+        cfg = _config(args, extra)
+        res = bench_e2e(cfg, minutes=args.minutes, out_dir=args.out, val_every=args.val_every)
+        print(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=1))
+        print(f"wrote {Path(args.out) / 'dice_vs_time.json'} and "
+              f"{Path(args.out) / 'dice_vs_time.png'}")
+        return 0
+    if extra:
+        raise SystemExit(f"error: unrecognised arguments {extra} (config overrides are for "
+                         "'bench e2e')")
     from .train.bench import bench_step
     res = bench_step(steps=args.steps, warmup=args.warmup, phase2=args.phase2, device=args.device,
-                     labeled_bs=args.batch, img=args.img)
+                     labeled_bs=args.batch, img=args.img, mode=args.mode,
+                     compile_mode=args.compile_mode, compile_backend=args.compile_backend,
+                     nms=not args.no_nms)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -258,8 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_prepare)
 
-    b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=("step",))
+    b = sub.add_parser("bench", help="benchmarks: one training step, or time-to-accuracy",
+                       description="bench step: ms/step of the ACDC-shape step on synthetic "
+                                   "device data. bench e2e: train a preset for --minutes of "
+                                   "training time, Dice vs time JSON + PNG in --out (config "
+                                   "overrides --section.key=value allowed).")
+    b.add_argument("what", choices=("step", "e2e"))
+    b.add_argument("--mode", choices=("eager", "compile", "graph"), default="eager",
+                   help="step: how the step runs (e2e: use --train.step_mode=...)")
+    b.add_argument("--compile-mode", default="default")
+    b.add_argument("--compile-backend", default="inductor")
+    b.add_argument("--no-nms", action="store_true",
+                   help="step: pseudo-labels without the largest-component filter")
+    b.add_argument("--config", default=str(REPO / "configs" / "acdc_2d.toml"),
+                   help="e2e: TOML preset (default: the ACDC recipe)")
+    b.add_argument("--minutes", type=float, default=10.0, help="e2e: training-time budget")
+    b.add_argument("--val-every", type=int, default=None,
+                   help="e2e: validate every K iterations (default: the preset's val_every)")
+    b.add_argument("--out", default="benchmarks/results/e2e", help="e2e: output folder")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--phase2", action="store_true")
@@ -276,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "demo", "eval", "predict"):
+    if extra and args.command not in ("train", "demo", "eval", "predict", "bench"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     from .config import ConfigError
     from .data.ssl4mis import DataError

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -38,25 +40,17 @@ def synthetic_batch(labeled_bs: int, unlabeled_bs: int, img: int, num_classes: i
                   x[labeled_bs:].to(device))
 
 
-def make_step(model, objective, optimizer, scalars, amp_dtype, memory_format, phase2,
-              generator):
-    def step(batch) -> torch.Tensor:
-        x = torch.cat([batch.x_l, batch.x_u], 0).contiguous(memory_format=memory_format)
-        optimizer.zero_grad(set_to_none=True)
-        ctx = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None \
-            else torch.autocast(x.device.type, enabled=False)
-        with ctx:
-            loss, _ = objective(model, x, batch.y_l, scalars, phase2, generator=generator)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-    return step
-
-
 def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
-               device: str | torch.device = "auto", phase2: bool = False, nms: bool = True):
+               device: str | torch.device = "auto", phase2: bool = False, nms: bool = True,
+               mode: str = "eager", compile_mode: str = "default",
+               compile_backend: str = "inductor"):
+    """(step(batch) -> loss, batch, device): the Trainer's StepRunner around a fresh model;
+    `mode` eager | compile | graph (graph: the first `warmup` calls are eager, then replays)."""
+    from .step import StepRunner, check_graph_capturable, foreach_sgd_step
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
                        else device)
+    if mode == "graph":
+        check_graph_capturable(nms=nms, device=dev, world_size=1, optimizer="foreach")
     torch.manual_seed(0)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -70,29 +64,95 @@ def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
     scalars.update(13000 if phase2 else 3000)
     gen = torch.Generator(device=dev).manual_seed(1)
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    step = make_step(model, objective, opt, scalars, amp, mf, phase2, gen)
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=amp) if amp is not None else nullcontext()
+
+    runner = StepRunner(
+        model=model, mode=mode, device=dev, memory_format=mf, autocast=autocast,
+        forward=lambda m, x, y, p2: objective(m, x, y, scalars, p2, generator=gen),
+        update=lambda: foreach_sgd_step(opt, scalars.lr), generators=(gen,),
+        compile_mode=compile_mode, compile_backend=compile_backend)
+
+    def step(batch) -> torch.Tensor:
+        return runner(batch, phase2)["L"]
     batch = synthetic_batch(labeled_bs, labeled_bs, img, num_classes, dev)
     return step, batch, dev
 
 
 def bench_step(*, steps: int = 20, warmup: int = 5, phase2: bool = False, device="auto",
-               labeled_bs: int = 12, img: int = 256) -> dict:
-    step, batch, dev = build_step(labeled_bs=labeled_bs, img=img, device=device, phase2=phase2)
+               labeled_bs: int = 12, img: int = 256, mode: str = "eager",
+               compile_mode: str = "default", compile_backend: str = "inductor",
+               nms: bool = True) -> dict:
+    step, batch, dev = build_step(labeled_bs=labeled_bs, img=img, device=device, phase2=phase2,
+                                  mode=mode, compile_mode=compile_mode,
+                                  compile_backend=compile_backend, nms=nms)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
+    for _ in range(max(warmup, 4 if mode == "graph" else 1)):  # graph: 3 eager + capture
         step(batch)
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    from ..telemetry import GpuSampler
+    gpu = GpuSampler(dev.index or 0 if dev.type == "cuda" else None).start()
+    gpu.window()
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step(batch)
     sync()
     dt = (time.perf_counter() - t0) / steps
+    tel = gpu.window()
+    gpu.stop()
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "phase": 2 if phase2 else 1, "batch": f"{labeled_bs}+{labeled_bs}",
-           "img": img, "ms_per_step": dt * 1000, "img_per_s": 2 * labeled_bs / dt,
-           "loss": float(loss), "torch": torch.__version__}
+           "mode": mode, "phase": 2 if phase2 else 1, "batch": f"{labeled_bs}+{labeled_bs}",
+           "img": img, "nms": nms, "ms_per_step": dt * 1000, "img_per_s": 2 * labeled_bs / dt,
+           "loss": float(loss), "torch": torch.__version__, **tel}  # sync-ok: after timing
     if dev.type == "cuda":
         res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return res
+
+
+def bench_e2e(cfg, *, minutes: float, out_dir: str | Path, val_every: int | None = None,
+              log=print) -> dict:
+    """Train `cfg` (the ACDC recipe) for a wall-clock budget of training time, validating every
+    `val_every` iterations; write `dice_vs_time.json` and `dice_vs_time.png` into `out_dir`.
+
+    The budget counts step time only (validation and checkpoints are excluded, see
+    `Trainer.train(time_budget_s=)`), so the curve is Dice against training seconds."""
+    import dataclasses
+    import json
+    from .trainer import Trainer
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    if val_every is not None:
+        tc = dataclasses.replace(tc, val_every=val_every)
+    # logging every val_every keeps the budget check (a sync) off all other iterations
+    tc = dataclasses.replace(tc, out_dir=str(out / "run"),
+                             log_every=min(tc.log_every, tc.val_every))
+    cfg = dataclasses.replace(cfg, train=tc)
+    trainer = Trainer(cfg, log=log)
+    summary = trainer.train(time_budget_s=60.0 * minutes)
+    curve = [{"iteration": r["iteration"], "train_s": r.get("train_s", 0.0),
+              "val_dice": r["val_dice"]} for r in summary["history"]]
+    dev = trainer.device
+    res = {"config": cfg.name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+           else "cpu", "step_mode": trainer.runner.mode, "minutes": minutes,
+           "iterations": summary["iterations"], "train_s": summary["train_s"],
+           "best_val_dice": summary["best_val_dice"], "best_iteration": summary["best_iteration"],
+           "batch": f"{cfg.data.labeled_bs}+{cfg.data.unlabeled_bs}",
+           "img_size": list(cfg.data.img_size), "torch": torch.__version__, "curve": curve}
+    (out / "dice_vs_time.json").write_text(json.dumps(res, indent=1))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([c["train_s"] / 60 for c in curve], [c["val_dice"] for c in curve], "o-")
+    ax.set_xlabel("training time (min)")
+    ax.set_ylabel("validation Dice")
+    ax.set_title(f"{cfg.name}, {res['device']}, {res['step_mode']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "dice_vs_time.png", dpi=120)
+    plt.close(fig)
     return res

@@ -1,10 +1,13 @@
 """The UC-Seg trainer: one class, every variant a config value (DESIGN.md §4).
 
 Per iteration t (0-based): schedules → batch (augmented on the training device) → one step
-(forward of both subnets + UPG, all losses, backward, SGD) → device-side accumulation of the
-loss terms. Host reads happen only every `log_every` steps (JSONL log, progress bar) and at
-validation / checkpoint time. Validation runs the reference's slice-wise protocol on the
-`val.list` volumes (Dice, classes 1..C-1) and keeps `best` (on validation only) and `last`.
+(forward of both subnets + UPG, all losses, backward, SGD; run by `StepRunner` eagerly, under
+torch.compile or as a captured CUDA graph: `train.step_mode`) → device-side accumulation of the
+loss terms. Host reads happen only every `log_every` steps (JSONL log with GPU telemetry,
+progress bar) and at validation / checkpoint time. Validation runs the reference's slice-wise
+protocol on the `val.list` volumes (Dice, classes 1..C-1) and keeps `best` (on validation only)
+and `last`. Under torchrun the model is DDP-wrapped (see `train.distributed`): per-rank data and
+CCP queues, terms all-reduced at log time, validation / log / checkpoints on rank 0.
 """
 from __future__ import annotations
 
@@ -21,13 +24,16 @@ import numpy as np
 import torch
 
 from ..config import Config, config_from_dict, diff_configs
-from ..data import SSL4MISDataset, TrainStream
-from ..data.ssl4mis import slices_of_first_patients
+from ..data import SSL4MISDataset
+from ..data.factory import build_train_stream
+from ..data.folders import FolderDataset
 from ..eval import evaluate_volumes
 from ..models import build_ucseg_2d
 from .checkpoint import CheckpointError, join_state, load_checkpoint, save_checkpoint, split_state
 from .objective import UCSegObjective
+from .distributed import DistInfo, all_reduce_mean, init_from_env
 from .schedules import ScheduleTensors
+from .step import StepRunner, apex_fused_sgd, check_graph_capturable, foreach_sgd_step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,6 +57,9 @@ class Trainer:
         self.log = log
         tc, dc, lc = cfg.train, cfg.data, cfg.loss
         self.device = resolve_device(tc.device)
+        self.dist: DistInfo = init_from_env(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(tc.seed)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -61,26 +70,24 @@ class Trainer:
         if tc.amp == "fp16" and self.device.type == "cuda":
             raise ValueError("train.amp = 'fp16' needs a GradScaler, which this trainer does "
                              "not use; choose 'bf16' or 'none'")
-        if tc.step_mode != "eager":
-            warnings.warn(f"train.step_mode = {tc.step_mode!r} is not implemented yet; "
-                          "running eager steps", stacklevel=2)
+        if tc.step_mode == "graph":
+            check_graph_capturable(nms=cfg.loss.nms, device=self.device,
+                                   world_size=self.dist.world_size, optimizer=tc.optimizer)
 
-        self.dataset = SSL4MISDataset(dc.root)
-        # Labeled = the slices of the first k patients of train_slices.list (on the full SSL4MIS
-        # list: 3->68, 7->136, 14->256, ... slices, the reference's table).
-        n_l = slices_of_first_patients(self.dataset.train_slices, dc.labeled_patients)
-        if n_l >= len(self.dataset.train_slices):
-            raise ValueError(f"{dc.root}: train_slices.list has {len(self.dataset.train_slices)} "
-                             f"slices, not more than the {n_l} labeled ones of "
-                             f"{dc.labeled_patients} patients: no unlabeled data")
-        aug = dict(hflip_p=dc.hflip_p, vflip_p=dc.vflip_p, ssr_p=dc.ssr_p,
-                   shift_limit=dc.shift_limit, scale_limit=dc.scale_limit,
-                   rotate_limit=dc.rotate_limit, distort_p=dc.distort_p, dropout_p=dc.dropout_p)
-        if not dc.augment:
-            aug.update(hflip_p=0.0, vflip_p=0.0, ssr_p=0.0, distort_p=0.0, dropout_p=0.0)
-        self.stream = TrainStream(self.dataset, n_labeled=n_l, labeled_bs=dc.labeled_bs,
-                                  unlabeled_bs=dc.unlabeled_bs, seed=tc.seed, device=self.device,
-                                  img_size=tuple(dc.img_size), augment=aug)
+        # The stream (torch or DALI backend; SSL4MIS or image-folder format; optional unlabeled
+        # manifest) and the validation data come from the [data] section alone.
+        self.stream = build_train_stream(dc, device=self.device, seed=tc.seed,
+                                         rank=self.dist.rank, world_size=self.dist.world_size,
+                                         channels=cfg.model.in_channels)
+        if dc.format == "folder":
+            self.dataset = FolderDataset(dc.root, num_classes=dc.num_classes,
+                                         mask_mode=dc.mask_mode)
+            if self.dataset.channels != 1:
+                raise NotImplementedError(
+                    f"{dc.root}: validation of colour image folders is not implemented yet "
+                    "(slice-wise inference repeats one gray channel); use gray images")
+        else:
+            self.dataset = SSL4MISDataset(dc.root, num_classes=dc.num_classes)
 
         self.model = build_ucseg_2d(num_classes=dc.num_classes, in_channels=cfg.model.in_channels,
                                     img_size=tuple(dc.img_size), patch_size=cfg.model.patch_size,
@@ -97,16 +104,33 @@ class Trainer:
             queue_size=lc.queue_size, contrast_temperature=lc.contrast_temperature,
             queue_pointer=lc.queue_pointer, queue_init=lc.queue_init,
             queue_gate=lc.queue_gate).to(self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=tc.base_lr,
-                                         momentum=tc.momentum, weight_decay=tc.weight_decay,
-                                         foreach=True)
-        self.mix_generator = torch.Generator(device=self.device)
-        self.mix_generator.manual_seed(tc.seed + 7)
         self.scalars = ScheduleTensors(
             self.device, base_lr=tc.base_lr, T=tc.max_iterations, consistency=lc.consistency,
             rampup=lc.consistency_rampup, unsup_factor=lc.unsup_factor,
             epoch_len=lc.rampup_epoch_len, thr_base=lc.gate_base, thr_span=lc.gate_span,
             confidence_threshold=lc.confidence_threshold)
+        self.optimizer = self._build_optimizer()
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            if tc.sync_bn:
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            # static_graph: the set of parameters that get gradients is the same every step
+            # (one, the UPG cross-attention temperature, never does) and phase 2 calls the
+            # model twice before one backward; DDP learns both from the first iteration
+            # instead of searching the autograd graph every step (find_unused_parameters)
+            self.train_model = DDP(self.model, device_ids=[self.device.index]
+                                   if self.device.type == "cuda" else None, static_graph=True)
+            # same initial weights on every rank (seeded above, and DDP broadcasts rank 0's);
+            # distinct dropout draws per rank from here on
+            torch.manual_seed(tc.seed + 1000 * self.dist.rank)
+        self.mix_generator = torch.Generator(device=self.device)
+        self.mix_generator.manual_seed(tc.seed + 7 + 1000 * self.dist.rank)
+        self.runner = StepRunner(
+            model=self.train_model, forward=self._objective_call, update=self._optimizer_update,
+            mode=tc.step_mode, device=self.device, memory_format=self.memory_format,
+            autocast=self.autocast, generators=(self.mix_generator,), warmup=tc.graph_warmup,
+            compile_mode=tc.compile_mode, compile_backend=tc.compile_backend)
         self.iteration = 0
         self.best_dice = -1.0
         self.best_iteration = -1
@@ -115,9 +139,39 @@ class Trainer:
         self._val_volumes = None
 
     # ----------------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """`foreach`: a torch SGD holds the state, `foreach_sgd_step` updates with the lr
+        tensor; `fused`: torch's fused SGD kernel with the lr tensor; `apex`: FusedSGD."""
+        tc = self.cfg.train
+        kw = dict(momentum=tc.momentum, weight_decay=tc.weight_decay)
+        params = self.model.parameters()
+        if tc.optimizer == "apex":
+            fused = apex_fused_sgd()
+            if fused is not None:
+                return fused(params, lr=tc.base_lr, **kw)
+            warnings.warn("train.optimizer = 'apex' but apex is not importable; using the "
+                          "foreach SGD", stacklevel=3)
+        if tc.optimizer == "fused":
+            return torch.optim.SGD(params, lr=self.scalars.lr, fused=True, **kw)
+        return torch.optim.SGD(params, lr=tc.base_lr, foreach=True, **kw)
+
+    def _uses_tensor_lr(self) -> bool:
+        return self.cfg.train.optimizer == "fused"
+
+    def _optimizer_update(self) -> None:
+        if isinstance(self.optimizer, torch.optim.SGD) and not self._uses_tensor_lr():
+            foreach_sgd_step(self.optimizer, self.scalars.lr)
+        else:
+            self.optimizer.step()
+
+    def _objective_call(self, model, x, y_l, phase2: bool):
+        return self.objective(model, x, y_l, self.scalars, phase2, generator=self.mix_generator)
+
     def _update_scalars(self, t: int) -> None:
         self.scalars.update(t)  # in place: a captured graph reads the new values
-        lr = self.scalars.values(t)["lr"]
+        if self._uses_tensor_lr():
+            return
+        lr = self.scalars.values(t)["lr"]  # host float: logged, and what apex reads
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
@@ -129,101 +183,142 @@ class Trainer:
     def step(self, batch, t: int) -> dict[str, torch.Tensor]:
         """One training iteration on a Batch; returns detached loss terms (device)."""
         self._update_scalars(t)
-        x = torch.cat([batch.x_l, batch.x_u], 0).contiguous(memory_format=self.memory_format)
-        phase2 = t >= self.cfg.loss.phase2_start
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss, terms = self.objective(self.model, x, batch.y_l, self.scalars, phase2,
-                                         generator=self.mix_generator)
-        loss.backward()
-        self.optimizer.step()
-        return terms
+        return self.runner(batch, t >= self.cfg.loss.phase2_start)
 
     # ----------------------------------------------------------------------------------
-    def train(self, stop_at: int | None = None) -> dict[str, Any]:
+    def train(self, stop_at: int | None = None, *,
+              time_budget_s: float | None = None) -> dict[str, Any]:
         """Train up to max_iterations (or stop early at `stop_at`, saving `last`, e.g. to
-        split a run across jobs; the schedules always follow max_iterations)."""
+        split a run across jobs; the schedules always follow max_iterations).
+
+        `time_budget_s` (single process): also stop, validate and save `last` once the
+        training time (validation and checkpoint time excluded) reaches the budget — the
+        `bench e2e` wall-clock run. Validation records carry `train_s`, that training time."""
         tc = self.cfg.train
         T = tc.max_iterations
         stop = T if stop_at is None else min(stop_at, T)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        if time_budget_s is not None and self.dist.enabled:
+            raise ValueError("train(time_budget_s=...) is single-process only (ranks would "
+                             "stop at different iterations)")
+        main = self.dist.is_main
         log_path = self.out_dir / "metrics.jsonl"
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         acc: dict[str, torch.Tensor] = {}
         n_acc = 0
-        t_last, it_last = time.perf_counter(), self.iteration
+        data_wait = 0.0
         bar = None
-        if tc.progress:
+        if tc.progress and main:
             from tqdm import tqdm
             bar = tqdm(total=T, initial=self.iteration, desc=self.cfg.name, unit="it",
                        dynamic_ncols=True, mininterval=1.0)
-        self.log(f"training {self.cfg.name} on {self.device} from iteration {self.iteration} "
-                 f"to {T}; data {self.cfg.data.root}; output {self.out_dir}")
-        if self.iteration == 0 and not self.history:
+        from ..telemetry import GpuSampler, throughput_fields
+        gpu = GpuSampler(self.device.index or 0 if self.device.type == "cuda" else None).start()
+        if main:
+            self.log(f"training {self.cfg.name} on {self.device} (step_mode "
+                     f"{self.runner.mode}, world size {self.dist.world_size}) from iteration "
+                     f"{self.iteration} to {T}; data {self.cfg.data.root}; output {self.out_dir}")
+        if self.iteration == 0 and not self.history and main:
             log_path.write_text("")  # a fresh run starts a fresh log (a resumed one appends)
             # the untrained model's score: the baseline every later validation is compared to
             start = self.validate()
-            self.history.append({"iteration": 0, "val_dice": start})
+            rec0 = {"iteration": 0, "val_dice": start, "train_s": 0.0}
+            self.history.append(rec0)
             with open(log_path, "a") as f:
-                f.write(json.dumps({"iteration": 0, "val_dice": start}) + "\n")
-            t_last = time.perf_counter()
-        while self.iteration < stop:
-            t = self.iteration
-            batch = self.stream.next()
-            terms = self.step(batch, t)
-            for k, v in terms.items():
-                acc[k] = acc[k] + v.float() if k in acc else v.float().clone()
-            n_acc += 1
-            self.iteration = t + 1
-            if bar is not None:
-                bar.update(1)
-            done = self.iteration == T
-            halt = self.iteration == stop
-            if self.iteration % tc.log_every == 0 or halt:
-                keys = sorted(acc)
-                vals = (torch.stack([acc[k] for k in keys]) / n_acc).tolist()  # sync-ok: log time
-                now = time.perf_counter()
-                ips = (self.iteration - it_last) / max(now - t_last, 1e-9)
-                rec = {"iteration": self.iteration, "lr": self.optimizer.param_groups[0]["lr"],
-                       "it_per_s": ips, "img_per_s": ips * (self.cfg.data.labeled_bs +
-                                                            self.cfg.data.unlabeled_bs),
-                       "step_ms": 1000.0 / ips if ips > 0 else math.nan,
-                       **dict(zip(keys, vals))}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(rec0) + "\n")
+        train_s = float(self.history[-1].get("train_s", 0.0)) if self.history else 0.0
+        t_last, it_last = time.perf_counter(), self.iteration
+        try:
+            while self.iteration < stop:
+                t = self.iteration
+                t0 = time.perf_counter()
+                batch = self.stream.next()
+                data_wait += time.perf_counter() - t0
+                terms = self.step(batch, t)
+                for k, v in terms.items():
+                    acc[k] = acc[k] + v.float() if k in acc else v.float().clone()
+                n_acc += 1
+                self.iteration = t + 1
                 if bar is not None:
-                    bar.set_postfix(loss=f"{rec['L']:.3f}", refresh=False)
-                acc, n_acc = {}, 0
-                t_last, it_last = now, self.iteration
-            if self.iteration % tc.val_every == 0 or done:
-                dice = self.validate()
-                rec = {"iteration": self.iteration, "val_dice": dice}
-                self.history.append(rec)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if dice > self.best_dice:
-                    self.best_dice, self.best_iteration = dice, self.iteration
-                    self.save("best")
-                self.log(f"iteration {self.iteration}: val Dice {dice:.4f} "
-                         f"(best {self.best_dice:.4f} at {self.best_iteration})")
-            if self.iteration % tc.checkpoint_every == 0 or halt:
-                self.save("last")
-            if self.iteration % tc.val_every == 0 or self.iteration % tc.checkpoint_every == 0:
-                t_last = time.perf_counter()  # keep validation / saving out of step_ms
-        if bar is not None:
-            bar.close()
+                    bar.update(1)
+                done = self.iteration == T
+                halt = self.iteration == stop
+                if time_budget_s is not None and self.iteration % tc.log_every == 0:
+                    # sync-ok: once per log window, so the budget counts finished GPU work
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    if train_s + time.perf_counter() - t_last >= time_budget_s:
+                        halt = True
+                if self.iteration % tc.log_every == 0 or halt or done:
+                    keys = sorted(acc)
+                    vals_t = all_reduce_mean(torch.stack([acc[k] for k in keys]) / n_acc,
+                                             self.dist)
+                    vals = vals_t.tolist()  # sync-ok: log time
+                    now = time.perf_counter()
+                    train_s += now - t_last
+                    rec = {"iteration": self.iteration,
+                           "lr": self.scalars.values(self.iteration - 1)["lr"],
+                           **throughput_fields(self.iteration - it_last,
+                                               (self.cfg.data.labeled_bs +
+                                                self.cfg.data.unlabeled_bs) * self.dist.world_size,
+                                               now - t_last, data_wait, gpu.window()),
+                           **dict(zip(keys, vals))}
+                    if main:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                    if bar is not None:
+                        post = {"loss": f"{rec['L']:.3f}", "img/s": f"{rec['img_per_s']:.1f}",
+                                "ms": f"{rec['step_ms']:.1f}"}
+                        if "gpu_util" in rec:
+                            post["gpu"] = f"{rec['gpu_util']:.0f}%"
+                        bar.set_postfix(post, refresh=False)
+                    acc, n_acc, data_wait = {}, 0, 0.0
+                    t_last, it_last = now, self.iteration
+                if main and (self.iteration % tc.val_every == 0 or done or
+                             (halt and time_budget_s is not None)):
+                    dice = self.validate()
+                    rec = {"iteration": self.iteration, "val_dice": dice,
+                           "train_s": train_s + time.perf_counter() - t_last}
+                    self.history.append(rec)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if dice > self.best_dice:
+                        self.best_dice, self.best_iteration = dice, self.iteration
+                        self.save("best")
+                    self.log(f"iteration {self.iteration}: val Dice {dice:.4f} "
+                             f"(best {self.best_dice:.4f} at {self.best_iteration})")
+                if main and (self.iteration % tc.checkpoint_every == 0 or halt):
+                    self.save("last")
+                if self.iteration % tc.val_every == 0 or self.iteration % tc.checkpoint_every == 0:
+                    t_last = time.perf_counter()  # keep validation / saving out of step_ms
+                if halt:
+                    break
+        finally:
+            gpu.stop()
+            if bar is not None:
+                bar.close()
         return {"iterations": self.iteration, "best_val_dice": self.best_dice,
                 "best_iteration": self.best_iteration, "history": self.history,
-                "out_dir": str(self.out_dir)}
+                "out_dir": str(self.out_dir), "train_s": train_s}
 
     # ----------------------------------------------------------------------------------
     def val_volumes(self):
         if self._val_volumes is None:
-            names = self.dataset.volumes("val")
-            if self.cfg.train.max_val_volumes:
-                names = names[: self.cfg.train.max_val_volumes]
-            self._val_volumes = [(n, *self.dataset.read_volume(n)) for n in names]
+            limit = self.cfg.train.max_val_volumes or None
+            if isinstance(self.dataset, FolderDataset):
+                # every validation image is a one-slice volume (per-image Dice, METHOD.md §4)
+                vols = []
+                for path in self.dataset.images("val")[:limit]:
+                    image_CHW, label_HW = self.dataset.read_pair(path)
+                    vols.append((path.stem, image_CHW[:1], label_HW[None].astype("int64")))
+                if not vols:
+                    raise FileNotFoundError(f"{self.dataset.root / 'val' / 'image'}: no "
+                                            "validation images")
+                self._val_volumes = vols
+            else:
+                names = self.dataset.volumes("val")[:limit]
+                self._val_volumes = [(n, *self.dataset.read_volume(n)) for n in names]
         return self._val_volumes
 
     def predict_fn(self):
@@ -282,6 +377,12 @@ class Trainer:
         if diffs and strict_config:
             raise CheckpointError(f"{path}: checkpoint was trained with a different config: "
                                   + "; ".join(diffs))
+        if self.dist.world_size > 1:
+            # The checkpoint holds rank 0's data position, RNG and CCP queues only.
+            warnings.warn(f"resuming {path} with {self.dist.world_size} processes: every rank "
+                          "restores rank 0's data-stream position, RNG state and CCP queues, so "
+                          "the continuation is not bit-exact (single-process resume is)",
+                          stacklevel=2)
         load_model_state(self.model, tensors, str(path))
         obj = {k[len("objective."):]: v for k, v in tensors.items() if k.startswith("objective.")}
         self.objective.load_state_dict(obj)
@@ -294,6 +395,10 @@ class Trainer:
         random.setstate(_py_state_back(meta["python_rng"]))
         np.random.set_state(_np_state_back(meta["numpy_rng"]))
         self.stream.load_state_dict(join_state(meta["stream"], tensors))
+        if self._uses_tensor_lr():  # load_state_dict put a loaded copy in place of the tensor
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.scalars.lr
+        self.runner.reset()  # graphs baked in the old optimizer-state tensors
         self.iteration = int(meta["iteration"])
         self.best_dice = float(meta["best_val_dice"])
         self.best_iteration = int(meta["best_iteration"])

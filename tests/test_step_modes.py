@@ -1,0 +1,168 @@
+"""Step modes (eager | compile | graph), the tensor-lr SGD, and the graph-capture guard.
+
+CPU tier: eager vs `torch.compile` on the real ACDC subset (img 32, batch 1+1, a phase switch
+after step 1). torch.compile with Inductor compiles C++ on the CPU (minutes), so the test uses
+`train.compile_backend = "aot_eager"`: Dynamo tracing + AOTAutograd (the same graph capture and
+functionalised backward as Inductor) executed with eager kernels (~45 s on 2 busy cores).
+GPU tier: graph vs eager over steps across the phase switch, and a sync-debug run.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from ucseg_fast.config import load_config
+from ucseg_fast.train import Trainer
+from ucseg_fast.train.step import check_graph_capturable, foreach_sgd_step
+
+STEPS = 3  # phase 1 at step 0, phase 2 from step 1
+
+
+def tiny_cfg(root, out_dir, **over):
+    ov = {"data.root": f"'{root}'", "data.img_size": "[32,32]", "data.labeled_bs": "1",
+          "data.unlabeled_bs": "1", "train.max_iterations": "20", "train.log_every": "1",
+          "train.out_dir": f"'{out_dir}'", "train.progress": "false", "train.amp": "'none'",
+          "train.channels_last": "false", "loss.phase2_start": "1", "loss.queue_size": "16",
+          "train.max_val_volumes": "1"}
+    ov.update(over)
+    return load_config(None, [f"--{k}={v}" for k, v in ov.items()])
+
+
+def run_steps(tr: Trainer, n: int):
+    losses = []
+    for t in range(n):
+        terms = tr.step(tr.stream.next(), t)
+        losses.append({k: v.clone() for k, v in terms.items()})
+    return losses, {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    from conftest import ACDC_ROOT as acdc_root
+    if not (acdc_root / "train_slices.list").exists():
+        pytest.skip(f"ACDC subset not found at {acdc_root}")
+    tr = Trainer(tiny_cfg(acdc_root, tmp_path_factory.mktemp("eager")), log=lambda s: None)
+    return run_steps(tr, STEPS)
+
+
+def test_compile_matches_eager(acdc_root, tmp_path, eager_run):
+    tr = Trainer(tiny_cfg(acdc_root, tmp_path, **{"train.step_mode": "'compile'",
+                                                 "train.compile_backend": "'aot_eager'"}),
+                 log=lambda s: None)
+    assert tr.runner.mode == "compile"
+    losses, state = run_steps(tr, STEPS)
+    ref_losses, ref_state = eager_run
+    assert "mix1" in losses[-1] and "mix1" not in losses[0]  # the phase switch happened
+    for got, ref in zip(losses, ref_losses):
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in ref_state:  # AOTAutograd's decomposed backward rounds differently: ~1e-7
+        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_graph_mode_off_cuda_falls_back_to_eager(acdc_root, tmp_path, eager_run):
+    with pytest.warns(UserWarning, match="step_mode = 'graph' needs CUDA"):
+        tr = Trainer(tiny_cfg(acdc_root, tmp_path, **{"train.step_mode": "'graph'"}),
+                     log=lambda s: None)
+    assert tr.runner.mode == "eager"
+    losses, state = run_steps(tr, STEPS)
+    for got, ref in zip(losses, eager_run[0]):
+        assert torch.equal(got["L"], ref["L"])
+    for k, v in eager_run[1].items():
+        assert torch.equal(state[k], v), k
+
+
+def _toy_params(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(5, 3, generator=g)),
+            torch.nn.Parameter(torch.randn(7, generator=g))]
+
+
+def test_foreach_sgd_with_lr_tensor_matches_torch_sgd():
+    # oracle: torch's SGD with a float lr (its own foreach path), same momentum / weight decay
+    ref, mine, fused = _toy_params(0), _toy_params(0), _toy_params(0)
+    opt_ref = torch.optim.SGD(ref, lr=0.01, momentum=0.9, weight_decay=1e-5, foreach=True)
+    opt_mine = torch.optim.SGD(mine, lr=0.01, momentum=0.9, weight_decay=1e-5, foreach=True)
+    lr = torch.tensor(0.0)
+    opt_fused = torch.optim.SGD(fused, lr=lr, momentum=0.9, weight_decay=1e-5, fused=True)
+    g = torch.Generator().manual_seed(1)
+    for step, lr_value in enumerate((0.01, 0.0099, 0.0098)):
+        grads = [torch.randn(p.shape, generator=g) for p in ref]
+        for ps in (ref, mine, fused):
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+        for grp in opt_ref.param_groups:
+            grp["lr"] = lr_value
+        lr.fill_(lr_value)
+        opt_ref.step()
+        foreach_sgd_step(opt_mine, lr)
+        opt_fused.step()
+        for a, b, c in zip(ref, mine, fused):
+            torch.testing.assert_close(b, a, rtol=2.5e-7, atol=1e-8)  # <= 2 ulp
+            torch.testing.assert_close(c, a, rtol=2.5e-7, atol=1e-8)  # <= 2 ulp
+    # same state layout as torch's SGD: checkpoints do not change
+    for a, b in zip(ref, mine):
+        torch.testing.assert_close(opt_mine.state[b]["momentum_buffer"],
+                                   opt_ref.state[a]["momentum_buffer"], rtol=0, atol=1e-7)
+
+
+def test_graph_guard_names_the_option():
+    cuda = torch.device("cuda")  # a device object only: nothing touches CUDA here
+    check_graph_capturable(nms=True, device=torch.device("cpu"), world_size=1, optimizer="foreach")
+    with pytest.raises(ValueError, match="step_mode = 'graph' is not supported with DDP"):
+        check_graph_capturable(nms=False, device=cuda, world_size=2, optimizer="foreach")
+    with pytest.raises(ValueError, match="train.optimizer = 'apex'"):
+        check_graph_capturable(nms=False, device=cuda, world_size=1, optimizer="apex")
+    from ucseg_fast.ops.components import _native_cuda
+    if _native_cuda() is None:
+        with pytest.raises(ValueError, match="loss.nms = true needs the native"):
+            check_graph_capturable(nms=True, device=cuda, world_size=1, optimizer="foreach")
+    check_graph_capturable(nms=False, device=cuda, world_size=1, optimizer="fused")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU tier
+# ---------------------------------------------------------------------------------------------
+def _gpu_cfg(root, out, mode, **over):
+    from ucseg_fast.ops.components import _native_cuda
+    nms = "true" if _native_cuda() is not None else "false"
+    return tiny_cfg(root, out, **{"train.step_mode": f"'{mode}'", "train.device": "'cuda'",
+                                  "loss.phase2_start": "6", "loss.nms": nms,
+                                  "data.img_size": "[64,64]", "data.labeled_bs": "2",
+                                  "data.unlabeled_bs": "2", **over})
+
+
+@pytest.mark.gpu
+def test_graph_matches_eager_on_gpu(acdc_root, tmp_path):
+    # fp32, no cudnn autotuning differences: graph replays must give the eager numbers
+    torch.backends.cudnn.deterministic = True
+    runs = {}
+    for mode in ("eager", "graph"):
+        tr = Trainer(_gpu_cfg(acdc_root, tmp_path / mode, mode), log=lambda s: None)
+        torch.backends.cudnn.benchmark = False
+        losses, state = run_steps(tr, 12)  # 3 warm-up + graph replays in each phase
+        runs[mode] = ([{k: v.cpu() for k, v in d.items()} for d in losses], state)
+    for got, ref in zip(runs["graph"][0], runs["eager"][0]):
+        torch.testing.assert_close(got["L"], ref["L"], rtol=1e-4, atol=1e-5)
+    for k, v in runs["eager"][1].items():
+        torch.testing.assert_close(runs["graph"][1][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_step_has_no_host_sync(acdc_root, tmp_path, mode):
+    tr = Trainer(_gpu_cfg(acdc_root, tmp_path, mode), log=lambda s: None)
+    batches = [tr.stream.next() for _ in range(10)]
+    for t in range(4):  # warm-up / capture outside the check (cudnn autotuning may sync)
+        tr.step(batches[t], t)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(4, 10):  # crosses the phase switch at 6
+            tr.step(batches[t], t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
