@@ -273,6 +273,63 @@ def test_cps_step(benchmark, shape_name, dtype_name, provider):
     _run(benchmark, target, nbytes, _info("cps_step", shape, dtype_name, provider, "fwd_bwd", za))
 
 
+
+def _fusion_targets(shape, dtype):
+    """Hard pseudo-label class map of the unlabeled half (argmax of a third logit map)."""
+    return _logits(shape, dtype, 2).argmax(1)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("shape_name", SHAPE_NAMES)
+def test_fusion_unsup_losses(benchmark, shape_name, dtype_name, provider):
+    """Fusion mode, unlabeled half: both subnets' CE + Dice against one pseudo-label map,
+    forward+backward. `ours` = fusion_unsup_losses (forward sweep + finalize + one backward)."""
+    _skip_provider(provider, shape_name)
+    shape, dtype = OP_SHAPES[shape_name], _DTYPES[dtype_name]
+    z1 = _logits(shape, dtype, 0).requires_grad_(True)
+    z2 = _logits(shape, dtype, 1).requires_grad_(True)
+    Y = _fusion_targets(shape, dtype)
+
+    def total(pair):
+        return sum(t["ce"] + t["dice"] for t in pair)
+
+    ours = lambda a, b: total(ops.fusion_unsup_losses(a, b, Y))  # noqa: E731
+    ref = lambda a, b: total(reference.fusion_unsup_losses(a, b, Y))  # noqa: E731
+    fn = _fn(provider, ours, ref)
+    N, C, e = math.prod(shape) // shape[1], shape[1], z1.element_size()
+    # minimum: fwd reads both logits + labels; bwd reads them again and writes both gradients
+    nbytes = (2 * N * C * e + 8 * N) + (4 * N * C * e + 8 * N)
+    target = lambda: torch.autograd.grad(fn(z1, z2), (z1, z2))  # noqa: E731
+    _run(benchmark, target, nbytes,
+         _info("fusion_unsup_losses", shape, dtype_name, provider, "fwd_bwd", z1))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("shape_name", SHAPE_NAMES)
+def test_segmentation_loss_terms(benchmark, shape_name, dtype_name, provider):
+    """Fusion mode, labeled half: CE + Dice + AU (λ a device scalar) of one logit map,
+    forward+backward (×3 per step in the reference: z1, z2 and P)."""
+    _skip_provider(provider, shape_name)
+    shape, dtype = OP_SHAPES[shape_name], _DTYPES[dtype_name]
+    z = _logits(shape, dtype, 0).requires_grad_(True)
+    Y = _fusion_targets(shape, dtype)
+    lam = torch.tensor(0.3, device=DEVICE)
+
+    def total(t):
+        return t["ce"] + t["au"] + t["dice"]
+
+    ours = lambda x: total(ops.segmentation_loss_terms(x, Y, lam=lam))  # noqa: E731
+    ref = lambda x: total(reference.segmentation_loss_terms(x, Y, lam=lam))  # noqa: E731
+    fn = _fn(provider, ours, ref)
+    N, C, e = math.prod(shape) // shape[1], shape[1], z.element_size()
+    nbytes = (N * C * e + 8 * N) + (2 * N * C * e + 8 * N)
+    target = lambda: torch.autograd.grad(fn(z), z)  # noqa: E731
+    _run(benchmark, target, nbytes,
+         _info("segmentation_loss_terms", shape, dtype_name, provider, "fwd_bwd", z))
+
+
 def summarize(json_path: str) -> str:
     """Markdown table of a `--benchmark-json` file of this suite (speed-up vs the compiled
     reference of the same op/shape/dtype/pass)."""

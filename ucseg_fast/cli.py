@@ -43,9 +43,8 @@ def cmd_train(args, extra) -> int:
 def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str):
     import torch
     from .config import ConfigError, config_from_dict, load_config
-    from .models import build_ucseg_2d
     from .train.checkpoint import load_checkpoint
-    from .train.trainer import load_model_state, resolve_device
+    from .train.trainer import build_model, load_model_state, resolve_device
     tensors, meta = load_checkpoint(checkpoint)
     cfg = config_from_dict(meta["config"], source=f"{checkpoint} (saved config)")
     if overrides:  # e.g. --data.root=/data/ACDC to evaluate on another copy of the data
@@ -57,9 +56,7 @@ def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str)
                               "rest of the configuration comes from the checkpoint")
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=ov.data.root))
     device = resolve_device(device_name)
-    model = build_ucseg_2d(num_classes=cfg.data.num_classes, in_channels=cfg.model.in_channels,
-                           img_size=tuple(cfg.data.img_size), patch_size=cfg.model.patch_size,
-                           unet_dropout=tuple(cfg.model.unet_dropout))
+    model = build_model(cfg)
     load_model_state(model, tensors, checkpoint)
     model.to(device).eval()
 

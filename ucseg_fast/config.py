@@ -56,6 +56,9 @@ class ModelConfig:
     unet_dropout: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
     # "torch": plain PyTorch evidential uncertainty; "fused": the Triton op (CUDA).
     uncertainty: str = "torch"
+    # UPG fusion head: "torch" (the reference module) or "fused" (Triton recompute sweeps,
+    # same parameters and state_dict)
+    upg_head: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ _CHOICES = {
     ("data", "format"): ("ssl4mis", "folder"),
     ("data", "mask_mode"): ("auto", "index", "binary"),
     ("model", "uncertainty"): ("torch", "fused"),
+    ("model", "upg_head"): ("torch", "fused"),
     ("loss", "pseudo_mode"): ("fusion", "entropy", "fusion+mask"),
     ("loss", "queue_pointer"): ("shared", "per_class"),
     ("loss", "queue_init"): ("reference", "feature_norm"),

@@ -66,9 +66,11 @@ class UCSeg(nn.Module):
 
 def build_ucseg_2d(num_classes: int = 4, in_channels: int = 3, img_size: Sequence[int] = (256, 256),
                    patch_size: int = 16,
-                   unet_dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5)) -> UCSeg:
-    """The 2D configuration of the reference: UNet (net_1) + VNet, 16 filters (net_2) + UPG."""
+                   unet_dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5),
+                   head_impl: str = "torch") -> UCSeg:
+    """The 2D configuration of the reference: UNet (net_1) + VNet, 16 filters (net_2) + UPG
+    (``head_impl="fused"``: the recompute-sweep fused fusion head, same parameters)."""
     net_1 = UNet2D(in_channels, num_classes, dropout=unet_dropout)
     net_2 = VNet2D(in_channels, num_classes, n_filters=16)
-    upg = UPG(num_classes, img_size, patch_size)
+    upg = UPG(num_classes, img_size, patch_size, head_impl=head_impl)
     return UCSeg(net_1, net_2, upg, num_classes)

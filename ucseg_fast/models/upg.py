@@ -13,14 +13,17 @@ Everything is dimension-generic (2D ``[B,1,H,W]`` or 3D ``[B,1,D,H,W]``).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.upg_head import fusion_head, pack_head_params
+
 __all__ = ["evidential_uncertainty_torch", "Patchify", "unpatchify", "CrossAttention",
-           "FeedForward", "CrossAttentionBlock", "FusionHead", "UPG"]
+           "FeedForward", "CrossAttentionBlock", "FusionHead", "FusedFusionHead", "UPG"]
 
 
 def evidential_uncertainty_torch(z: Tensor) -> Tensor:
@@ -194,19 +197,70 @@ class FusionHead(nn.Module):
         return x
 
 
+class FusedFusionHead(FusionHead):
+    """:class:`FusionHead` computed by the recompute sweeps of ``ops/upg_head.py``.
+
+    Same submodules, hence the same parameters, buffers and state_dict keys (checkpoints
+    interchange both ways); the submodules only hold the state. :meth:`fused` takes
+    ``(z1, z2, A)`` so ``cat(A·z1, A·z2)`` and the per-layer activations are never materialised;
+    running statistics are updated as ``nn.BatchNorm`` does (device-side, no host sync).
+    """
+
+    def fused(self, z1: Tensor, z2: Tensor, A: Tensor) -> Tensor:
+        """``P [B,C,*S] = head(cat(A·z1, A·z2))`` without materialising the concatenation."""
+        return self.fused_with_stats(z1, z2, A)[0]
+
+    def fused_with_stats(self, z1: Tensor, z2: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(P, mean [6,W], var [6,W])``: also the biased batch statistics (training) or the
+        running statistics (eval) each BatchNorm used, zero-padded to the widest layer W."""
+        wt, gamma, beta, rmean, rvar, chans = pack_head_params(self)
+        bns = [getattr(self, f"conv{i + 1}")[1] for i in range(self.num_layers)]
+        eps = bns[0].eps
+        if any(bn.eps != eps or not bn.track_running_stats or not bn.affine for bn in bns):
+            raise ValueError("FusedFusionHead: every BatchNorm needs the same eps, affine=True and "
+                             "track_running_stats=True")
+        P, mean, var = fusion_head(z1, z2, A, wt, gamma, beta, rmean, rvar, chans, self.training, eps)
+        if self.training:
+            n = z1.shape[0] * math.prod(z1.shape[2:])
+            with torch.no_grad():
+                for k, bn in enumerate(bns):
+                    co = chans[k + 1]
+                    bn.num_batches_tracked.add_(1)
+                    m = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
+                    bm = mean[k, :co].to(bn.running_mean.dtype)
+                    bv = (var[k, :co] * (n / (n - 1))).to(bn.running_var.dtype)
+                    bn.running_mean.copy_(m * bm + (1 - m) * bn.running_mean)
+                    bn.running_var.copy_(m * bv + (1 - m) * bn.running_var)
+        return P, mean, var
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Drop-in for ``FusionHead.forward(cat(z1', z2'))``: split the input, A = 1."""
+        C = x.shape[1] // 2
+        return self.fused(x[:, :C], x[:, C:], x.new_ones((x.shape[0], 1, *x.shape[2:])))
+
+
 class UPG(nn.Module):
     """``forward(u1, u2, z1, z2) -> (A [B,1,*S], P [B,C,*S])``, ``P = head(cat([A·z1, A·z2], 1))``.
 
     ``final_head`` is registered first so that ``state_dict()`` lists keys in the reference order.
+    ``head_impl``: ``"torch"`` (the reference module) or ``"fused"`` (:class:`FusedFusionHead`,
+    same state_dict; the head is recomputed from (z1, z2, A) instead of storing activations).
     """
 
     def __init__(self, num_classes: int, img_size: Sequence[int], patch_size: int, embed_dim: int = 96,
-                 heads: int = 8, dim_head: int = 64, mlp_dim: int = 384, dropout: float = 0.1) -> None:
+                 heads: int = 8, dim_head: int = 64, mlp_dim: int = 384, dropout: float = 0.1,
+                 head_impl: str = "torch") -> None:
         super().__init__()
-        self.final_head = FusionHead(num_classes, spatial_dims=len(img_size))
+        if head_impl not in ("torch", "fused"):
+            raise ValueError(f"UPG: head_impl {head_impl!r} must be 'torch' or 'fused'")
+        self.head_impl = head_impl
+        head_cls = FusedFusionHead if head_impl == "fused" else FusionHead
+        self.final_head = head_cls(num_classes, spatial_dims=len(img_size))
         self.cross_attn = CrossAttentionBlock(img_size, patch_size, embed_dim, heads, dim_head, mlp_dim, dropout)
 
     def forward(self, u1: Tensor, u2: Tensor, z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
         A = self.cross_attn(u1, u2)
+        if isinstance(self.final_head, FusedFusionHead):
+            return A, self.final_head.fused(z1, z2, A)
         P = self.final_head(torch.cat([A * z1, A * z2], dim=1))
         return A, P

@@ -16,6 +16,9 @@ from . import reference
 from ._triton_utils import HAS_TRITON, get_backend, set_backend
 from .entropy import EntropyPseudoLabel, PseudoLabels, entropy_pseudo_label
 from .evidential import EvidentialUncertainty, evidential_uncertainty
+from .fusion_loss import (FusionUnsupLosses, SegmentationLossTerms, fusion_unsup_losses,
+                          segmentation_loss_terms)
+from .upg_head import fusion_head, pack_head_params  # fused UPG fusion head (issue 7)
 from .pseudo_loss import (CrossPseudoLabelLoss, CrossPseudoLoss, PseudoLabelLoss,
                           cross_pseudo_label_loss, pseudo_label_loss)
 
@@ -24,6 +27,7 @@ __all__ = [
     "pseudo_label_loss", "PseudoLabelLoss",
     "cross_pseudo_label_loss", "CrossPseudoLabelLoss", "CrossPseudoLoss",
     "evidential_uncertainty", "EvidentialUncertainty",
+    "segmentation_loss_terms", "SegmentationLossTerms", "fusion_unsup_losses", "FusionUnsupLosses",
     "connected_components", "largest_component",
     "set_backend", "get_backend", "HAS_TRITON", "reference",
 ]

@@ -99,12 +99,14 @@ def _evidential_bwd_op(grad_u: torch.Tensor, logits: torch.Tensor) -> torch.Tens
     z, sb, sc, ss = flat_layout(logits)
     S = spatial_size(z)
     gu = grad_u.reshape(B, S).contiguous()  # [B,1,*S] -> [B,S]; a copy only if strided
-    dzb, dzc, dzs = flat_layout(dz)[1:]  # empty_like keeps a dense layout, so no copy
+    # empty_like keeps a non-overlapping dense layout; if its spatial dims do not collapse
+    # (e.g. H/W transposed) flat_layout hands back a copy: write there, then copy back.
+    dz_flat, dzb, dzc, dzs = flat_layout(dz)
     block_c, block_s = tile_sizes(C, S)
     _evidential_bwd_kernel[_grid(B, S, block_s)](
-        gu, z, dz, S, sb, sc, ss, dzb, dzc, dzs, C=C, BLOCK_C=block_c, BLOCK_S=block_s,
+        gu, z, dz_flat, S, sb, sc, ss, dzb, dzc, dzs, C=C, BLOCK_C=block_c, BLOCK_S=block_s,
         num_warps=num_warps_for(block_c, block_s))
-    return dz
+    return dz if dz_flat is dz else dz.copy_(dz_flat)
 
 
 @_evidential_bwd_op.register_fake

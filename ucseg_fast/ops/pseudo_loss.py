@@ -369,13 +369,13 @@ def _pl_loss_bwd_op(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tens
     z, sb, sc, ss = flat_layout(logits)
     S = spatial_size(z)
     lab, msk, has_mask = _flat_targets(z, labels, mask)
-    db, dc, ds = flat_layout(dz)[1:]
+    dz_flat, db, dc, ds = flat_layout(dz)  # a copy only for non-collapsible layouts
     block_c, block_s = tile_sizes(C, S)
     _pl_loss_bwd_kernel[(cdiv(S, block_s), B)](
-        grad, z, lab, msk, coef, dz, S, sb, sc, ss, db, dc, ds, C=C, BLOCK_C=block_c,
+        grad, z, lab, msk, coef, dz_flat, S, sb, sc, ss, db, dc, ds, C=C, BLOCK_C=block_c,
         BLOCK_S=block_s, HAS_MASK=has_mask, HAS_DICE=dice_weight != 0.0,
         num_warps=num_warps_for(block_c, block_s))
-    return dz
+    return dz if dz_flat is dz else dz.copy_(dz_flat)
 
 
 @_pl_loss_bwd_op.register_fake
@@ -509,11 +509,14 @@ def _cps_bwd_op(grad_losses: torch.Tensor, logits_a: torch.Tensor, logits_b: tor
     S = spatial_size(za)
     lab, msk, _ = _flat_targets(za, labels, mask)
     block_c, block_s = tile_sizes(C, S)
+    dza_flat, *la = flat_layout(dza)  # copies only for non-collapsible layouts
+    dzb_flat, *lb = flat_layout(dzb)
     _cps_bwd_kernel[(cdiv(S, block_s), B)](
-        grad_losses.contiguous(), za, zb, lab, msk, coef, dza, dzb, S, sab, sac, sas, sbb, sbc, sbs,
-        *flat_layout(dza)[1:], *flat_layout(dzb)[1:], C=C, BLOCK_C=block_c, BLOCK_S=block_s,
+        grad_losses.contiguous(), za, zb, lab, msk, coef, dza_flat, dzb_flat, S, sab, sac, sas,
+        sbb, sbc, sbs, *la, *lb, C=C, BLOCK_C=block_c, BLOCK_S=block_s,
         HAS_DICE=dice_weight != 0.0, num_warps=num_warps_for(block_c, block_s))
-    return dza, dzb
+    return (dza if dza_flat is dza else dza.copy_(dza_flat),
+            dzb if dzb_flat is dzb else dzb.copy_(dzb_flat))
 
 
 @_cps_bwd_op.register_fake

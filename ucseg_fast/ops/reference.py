@@ -143,3 +143,39 @@ def tolerance(oracle: torch.Tensor, baseline: torch.Tensor, *, atol: float = 0.0
     largest oracle value to `out_dtype` (outputs stored in bf16/fp16, e.g. gradients)."""
     scale = float(oracle.detach().double().abs().max()) if oracle.numel() else 0.0  # sync-ok: test helper
     return 2.0 * max_abs_err(baseline, oracle) + atol + _OUTPUT_ULP[out_dtype] * scale
+
+
+def segmentation_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, kind: str = "ce",
+                            lam: torch.Tensor | float | None = None, dice: bool = True,
+                            eps: float = 1e-5, dtype: torch.dtype | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """The fusion-mode loss terms {kind: CE|BCE, 'dice', 'au'} of one logit map, exactly the
+    plain-PyTorch losses of `ucseg_fast.losses` (ce_loss/bce_loss, dice_loss(probs) — per
+    axial slice in 3D —, au_loss). target: int class map [B, *S] (labels outside [0, C) are
+    all-zero rows) or a float one-hot/multi-hot map [B, C, *S], whose argmax (first index;
+    0 for an all-zero row) is the AU target class."""
+    from .. import losses as L  # lazy: losses.py is built on ops/, keep the import one-way
+
+    z = logits.to(_compute_dtype(logits, dtype))
+    if target.dim() == z.dim():
+        y = target.to(z.dtype)
+        cls = y.argmax(1)
+    else:
+        y = one_hot_labels(target, z.shape[1], z.dtype)
+        cls = target
+    if kind not in ("ce", "bce"):
+        raise ValueError(f"segmentation_loss_terms: kind must be 'ce' or 'bce', got {kind!r}")
+    terms = {kind: L.ce_loss(z, y) if kind == "ce" else L.bce_loss(z, y)}
+    if dice:
+        terms["dice"] = L.dice_loss(L.probs(z, kind), y, eps)
+    if lam is not None:
+        terms["au"] = L.au_loss(z, cls, lam)
+    return terms
+
+
+def fusion_unsup_losses(z1_u: torch.Tensor, z2_u: torch.Tensor, Y_u: torch.Tensor, *,
+                        kind: str = "ce", eps: float = 1e-5, dtype: torch.dtype | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Both subnets' unsupervised {kind, 'dice'} terms against one pseudo-label Y_u."""
+    kw = dict(kind=kind, eps=eps, dtype=dtype)
+    return (segmentation_loss_terms(z1_u, Y_u, **kw), segmentation_loss_terms(z2_u, Y_u, **kw))

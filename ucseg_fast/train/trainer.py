@@ -89,12 +89,7 @@ class Trainer:
         else:
             self.dataset = SSL4MISDataset(dc.root, num_classes=dc.num_classes)
 
-        self.model = build_ucseg_2d(num_classes=dc.num_classes, in_channels=cfg.model.in_channels,
-                                    img_size=tuple(dc.img_size), patch_size=cfg.model.patch_size,
-                                    unet_dropout=tuple(cfg.model.unet_dropout))
-        if cfg.model.uncertainty == "fused":
-            from ..ops import evidential_uncertainty
-            self.model.uncertainty_fn = evidential_uncertainty
+        self.model = build_model(cfg)
         self.model.to(self.device)
         self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
@@ -403,6 +398,18 @@ class Trainer:
         self.best_dice = float(meta["best_val_dice"])
         self.best_iteration = int(meta["best_iteration"])
         self.history = list(meta["history"])
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The UC-Seg pair a configuration describes (training, evaluation and prediction)."""
+    m = cfg.model
+    model = build_ucseg_2d(num_classes=cfg.data.num_classes, in_channels=m.in_channels,
+                           img_size=tuple(cfg.data.img_size), patch_size=m.patch_size,
+                           unet_dropout=tuple(m.unet_dropout), head_impl=m.upg_head)
+    if m.uncertainty == "fused":
+        from ..ops import evidential_uncertainty
+        model.uncertainty_fn = evidential_uncertainty
+    return model
 
 
 def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
