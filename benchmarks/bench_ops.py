@@ -29,6 +29,8 @@ from ucseg_fast import ops
 from ucseg_fast.ops import reference
 from ucseg_fast.ops._triton_utils import use_triton
 
+from bench_utils import measure
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -57,11 +59,6 @@ def _selection() -> tuple[list[str], list[str]]:
 SHAPE_NAMES, DTYPE_NAMES = _selection()
 PROVIDERS = ["reference_eager", "reference_compiled", "ours"]
 _COPY_GBPS: dict[str, float] = {}
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def _provenance() -> dict:
@@ -102,28 +99,10 @@ def _fn(provider: str, ours: Callable, ref: Callable) -> Callable:
 
 
 def _run(benchmark, target: Callable, bytes_moved: int, info: dict):
-    for _ in range(3):  # warm-up: Triton JIT / Inductor compile outside the timing
-        target()
-    _sync()
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        target()
-        _sync()
-        info["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-
-    def timed():
-        out = target()
-        _sync()
-        return out
-
-    rounds, iters = (10, 10) if CUDA else (1, 1)
-    benchmark.pedantic(timed, rounds=rounds, iterations=iters, warmup_rounds=1)
     info.update(_provenance())
     info["bytes_min"] = bytes_moved
-    if benchmark.stats is not None:
-        median = benchmark.stats.stats.median
-        info["median_ms"] = median * 1e3
+    median = measure(benchmark, target, info)
+    if median is not None:
         info["gbps"] = bytes_moved / median / 1e9
         copy = _COPY_GBPS.get(DEVICE)
         if copy:

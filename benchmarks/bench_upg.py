@@ -24,6 +24,8 @@ import torch
 from ucseg_fast.models.upg import FusedFusionHead, FusionHead
 from ucseg_fast.ops._triton_utils import use_triton
 
+from bench_utils import measure
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 UPG_SHAPES = {"acdc": (24, 4, 256, 256), "la_3d": (4, 2, 96, 96, 96), "tiny": (2, 4, 8, 8)}
@@ -35,11 +37,6 @@ if CUDA:
 else:
     SHAPE_NAMES, DTYPE_NAMES = ["tiny"], ["fp32"]
 PROVIDERS = ["eager", "compiled", "fused"]
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def _inputs(shape, dtype):
@@ -101,29 +98,10 @@ def test_upg_head(benchmark, provenance, shape_name, dtype_name, pass_, provider
             P = fwd()
             return torch.autograd.grad(P, ins, torch.ones_like(P))
 
-    for _ in range(3):  # warm-up: Triton JIT / Inductor compile outside the timing
-        target()
-    _sync()
     info = dict(provenance, op="upg_head", shape=list(shape), dtype=dtype_name, provider=provider,
                 pass_=pass_, backend_ran=("triton" if use_triton(z1) else "torch-sweeps")
                 if provider == "fused" else "torch")
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        target()
-        _sync()
-        info["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-
-    def timed():
-        out = target()
-        _sync()
-        return out
-
-    rounds, iters = (10, 5) if CUDA else (1, 1)
-    benchmark.pedantic(timed, rounds=rounds, iterations=iters, warmup_rounds=1)
-    if benchmark.stats is not None:
-        info["median_ms"] = benchmark.stats.stats.median * 1e3
-    benchmark.extra_info.update(info)
+    measure(benchmark, target, info, rounds=10, iterations=5)
 
 
 def test_smoke_fused_equals_eager_once():
