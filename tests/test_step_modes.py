@@ -4,11 +4,15 @@ CPU tier: eager vs `torch.compile` on the real ACDC subset (img 32, batch 1+1, a
 after step 1). torch.compile with Inductor compiles C++ on the CPU (minutes), so the test uses
 `train.compile_backend = "aot_eager"`: Dynamo tracing + AOTAutograd (the same graph capture and
 functionalised backward as Inductor) executed with eager kernels (~45 s on 2 busy cores).
+Resume: in compile mode and in graph mode's CPU fallback, N steps straight == N/2 steps, save,
+a fresh Trainer that loads the checkpoint, N/2 steps (bit-exact: same mode on both sides). The
+straight compile run is shared with the eager comparison (one compile run, one resumed).
 GPU tier: graph vs eager over steps across the phase switch, and a sync-debug run.
 """
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -17,7 +21,8 @@ from ucseg_fast.config import load_config
 from ucseg_fast.train import Trainer
 from ucseg_fast.train.step import check_graph_capturable, foreach_sgd_step
 
-STEPS = 3  # phase 1 at step 0, phase 2 from step 1
+STEPS = 4  # phase 1 at step 0, phase 2 from step 1
+SAVE_AT = 2  # checkpoint after steps 0, 1 (queues, momentum, mix generator all moved)
 
 
 def tiny_cfg(root, out_dir, **over):
@@ -30,29 +35,61 @@ def tiny_cfg(root, out_dir, **over):
     return load_config(None, [f"--{k}={v}" for k, v in ov.items()])
 
 
-def run_steps(tr: Trainer, n: int):
+def run_steps(tr: Trainer, n: int, *, save_at: int | None = None, start: int = 0):
+    """Steps start..n-1 (as `Trainer.train` would run them); with `save_at`, checkpoint `mid`
+    is written before step `save_at` (saving reads state, it changes none)."""
     losses = []
-    for t in range(n):
+    for t in range(start, n):
+        if t == save_at:
+            tr.iteration = t
+            tr.save("mid")
         terms = tr.step(tr.stream.next(), t)
         losses.append({k: v.clone() for k, v in terms.items()})
     return losses, {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def eager_run(tmp_path_factory):
+def _acdc_root():
     from conftest import ACDC_ROOT as acdc_root
     if not (acdc_root / "train_slices.list").exists():
         pytest.skip(f"ACDC subset not found at {acdc_root}")
-    tr = Trainer(tiny_cfg(acdc_root, tmp_path_factory.mktemp("eager")), log=lambda s: None)
+    return acdc_root
+
+
+MODE_OVERRIDES = {"compile": {"train.step_mode": "'compile'",
+                               "train.compile_backend": "'aot_eager'"},
+                  "graph": {"train.step_mode": "'graph'"}}
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    tr = Trainer(tiny_cfg(_acdc_root(), tmp_path_factory.mktemp("eager")), log=lambda s: None)
     return run_steps(tr, STEPS)
 
 
-def test_compile_matches_eager(acdc_root, tmp_path, eager_run):
-    tr = Trainer(tiny_cfg(acdc_root, tmp_path, **{"train.step_mode": "'compile'",
-                                                 "train.compile_backend": "'aot_eager'"}),
-                 log=lambda s: None)
-    assert tr.runner.mode == "compile"
-    losses, state = run_steps(tr, STEPS)
+@pytest.fixture(scope="module")
+def mode_runs(tmp_path_factory):
+    """mode -> (losses, state, out_dir) of a straight run that saved `mid` at SAVE_AT."""
+    runs: dict[str, tuple] = {}
+
+    def get(mode: str):
+        if mode not in runs:
+            out = tmp_path_factory.mktemp(mode)
+            if mode == "graph":
+                with pytest.warns(UserWarning, match="step_mode = 'graph' needs CUDA"):
+                    tr = Trainer(tiny_cfg(_acdc_root(), out, **MODE_OVERRIDES[mode]),
+                                 log=lambda s: None)
+                assert tr.runner.mode == "eager"
+            else:
+                tr = Trainer(tiny_cfg(_acdc_root(), out, **MODE_OVERRIDES[mode]),
+                             log=lambda s: None)
+                assert tr.runner.mode == mode
+            runs[mode] = (*run_steps(tr, STEPS, save_at=SAVE_AT), out)
+        return runs[mode]
+    return get
+
+
+def test_compile_matches_eager(eager_run, mode_runs):
+    losses, state, _ = mode_runs("compile")
     ref_losses, ref_state = eager_run
     assert "mix1" in losses[-1] and "mix1" not in losses[0]  # the phase switch happened
     for got, ref in zip(losses, ref_losses):
@@ -63,15 +100,32 @@ def test_compile_matches_eager(acdc_root, tmp_path, eager_run):
         torch.testing.assert_close(state[k], ref_state[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_graph_mode_off_cuda_falls_back_to_eager(acdc_root, tmp_path, eager_run):
-    with pytest.warns(UserWarning, match="step_mode = 'graph' needs CUDA"):
-        tr = Trainer(tiny_cfg(acdc_root, tmp_path, **{"train.step_mode": "'graph'"}),
-                     log=lambda s: None)
-    assert tr.runner.mode == "eager"
-    losses, state = run_steps(tr, STEPS)
+def test_graph_mode_off_cuda_falls_back_to_eager(eager_run, mode_runs):
+    losses, state, _ = mode_runs("graph")
     for got, ref in zip(losses, eager_run[0]):
         assert torch.equal(got["L"], ref["L"])
     for k, v in eager_run[1].items():
+        assert torch.equal(state[k], v), k
+
+
+
+@pytest.mark.parametrize("mode", ["compile", "graph"])
+def test_resume_is_exact_in_mode(mode, mode_runs):
+    # N straight == N/2 + save + a fresh Trainer loading the checkpoint + N/2, bit for bit
+    ref_losses, ref_state, out = mode_runs(mode)
+    fallback = pytest.warns(UserWarning, match="needs CUDA") if mode == "graph" else nullcontext()
+    with fallback:
+        tr = Trainer(tiny_cfg(_acdc_root(), out, **MODE_OVERRIDES[mode]), log=lambda s: None)
+    assert tr.runner.mode == ("eager" if mode == "graph" else mode)
+    tr.load(out / "mid.json")
+    assert tr.iteration == SAVE_AT
+    losses, state = run_steps(tr, STEPS, start=SAVE_AT)
+    assert len(losses) == STEPS - SAVE_AT
+    for got, ref in zip(losses, ref_losses[SAVE_AT:]):
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), k
+    for k, v in ref_state.items():
         assert torch.equal(state[k], v), k
 
 

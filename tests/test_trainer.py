@@ -52,6 +52,20 @@ def test_resume_rejects_other_config(acdc_root, tmp_path):
     other = Trainer(tiny_cfg(acdc_root, tmp_path / "o", **{"loss.nms": "false"}), log=lambda s: None)
     with pytest.raises(CheckpointError, match="loss.nms"):
         other.load(tmp_path / "last.json")
+    # world size: recorded; another one is refused naming both (the JSON sidecar is not hashed,
+    # so editing it stands in for a checkpoint written by 2 processes)
+    meta = json.loads((tmp_path / "last.json").read_text())
+    assert meta["world_size"] == 1 and meta["ranks"] == {}
+    (tmp_path / "w2.safetensors").write_bytes((tmp_path / "last.safetensors").read_bytes())
+    (tmp_path / "w2.json").write_text(json.dumps(dict(meta, world_size=2,
+                                                      tensors_file="w2.safetensors")))
+    with pytest.raises(CheckpointError, match="world size 2 but this run has world size 1"):
+        a.load(tmp_path / "w2.json")
+    # a checkpoint from before per-rank state (no world_size / ranks keys) loads as world size 1
+    old = {k: v for k, v in meta.items() if k not in ("world_size", "ranks")}
+    (tmp_path / "last.json").write_text(json.dumps(old))
+    a.load(tmp_path / "last.json")
+    assert a.iteration == 1
 
 
 def test_checkpoint_pair_is_verified(tmp_path):

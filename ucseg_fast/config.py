@@ -85,6 +85,9 @@ class LossConfig:
     gate_base: float = 0.5
     gate_span: float = 0.46
     phase2_start: int = 12000
+    # "softmax": CE + softmax Dice (the ACDC trainer); "sigmoid": BCE on the 2-channel one-hot,
+    # σ Dice, per-channel σ > 0.5 pseudo-labels (the 2D-generic / 3D trainers, num_classes 2)
+    supervision: str = "softmax"
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ class Config:
 
 _CHOICES = {
     ("data", "backend"): ("torch", "dali"),
-    ("data", "format"): ("ssl4mis", "folder"),
+    ("data", "format"): ("ssl4mis", "folder", "nifti"),
     ("data", "mask_mode"): ("auto", "index", "binary"),
     ("model", "uncertainty"): ("torch", "fused"),
     ("model", "upg_head"): ("torch", "fused"),
@@ -141,6 +144,7 @@ _CHOICES = {
     ("loss", "queue_pointer"): ("shared", "per_class"),
     ("loss", "queue_init"): ("reference", "feature_norm"),
     ("loss", "queue_gate"): ("soft", "hard"),
+    ("loss", "supervision"): ("softmax", "sigmoid"),
     ("train", "amp"): ("bf16", "fp16", "none"),
     ("train", "step_mode"): ("eager", "compile", "graph"),
     ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune",

@@ -14,7 +14,10 @@ Every returned stream has ``next()``, ``__next__``, ``state_dict()``, ``load_sta
 
 * ``format="ssl4mis"``: labeled = slices of the first ``labeled_patients`` patients of
   ``train_slices.list``, the rest unlabeled (as the trainer does today).
-* ``format="folder"``: labeled = ``<root>/labeled``, unlabeled = ``<root>/unlabeled``.
+* ``format="folder"``: labeled = ``<root>/labeled``, unlabeled = ``<root>/unlabeled``; RGB
+  folders keep their 3 colour channels (cache ``[N, 3, H, W]``, never a repeated gray one).
+* ``format="nifti"``: ``<root>/imagesTr`` + ``labelsTr`` (`NiftiDataset`): axial slices of the
+  first ``labeled_patients`` labeled cases are labeled, every other case's slices unlabeled.
 * ``unlabeled_manifest``: the unlabeled stream comes from that manifest instead (sharded by
   ``rank``/``world_size``; torch backend: decoded on the CPU, augmented on the device; DALI:
   decoded by DALI).
@@ -70,13 +73,17 @@ class ManifestTrainStream:
 
     def next(self) -> Batch:
         b = self.labeled.next()
-        x_u_B1HW = torch.from_numpy(self.manifest.next_batch(self.unlabeled_bs)).unsqueeze(1)
+        x_u = torch.from_numpy(self.manifest.next_batch(self.unlabeled_bs))
+        # [B, H, W] gray, or [B, 3, H, W] when the manifest reader decodes colour (RGB folders)
+        x_u_BCHW = x_u.unsqueeze(1) if x_u.dim() == 3 else x_u
         if self.device.type == "cuda":
-            x_u_B1HW = x_u_B1HW.pin_memory()
-        x_u_B1HW = x_u_B1HW.to(self.device, non_blocking=True)
-        x_u_B1HW, _ = augment_2d(x_u_B1HW, None, self.generator, **self.augment)
+            x_u_BCHW = x_u_BCHW.pin_memory()
+        x_u_BCHW = x_u_BCHW.to(self.device, non_blocking=True)
+        x_u_BCHW, _ = augment_2d(x_u_BCHW, None, self.generator, **self.augment)
         c = b.x_l.shape[1]
-        return Batch(x_l=b.x_l, y_l=b.y_l, x_u=x_u_B1HW.expand(-1, c, -1, -1).contiguous())
+        if x_u_BCHW.shape[1] != c:
+            x_u_BCHW = x_u_BCHW.expand(-1, c, -1, -1)
+        return Batch(x_l=b.x_l, y_l=b.y_l, x_u=x_u_BCHW.contiguous())
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -97,6 +104,21 @@ class ManifestTrainStream:
         self.manifest.load_state_dict(state["manifest"])
         raw = base64.b64decode(state["generator"])
         self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def _rgb_reader(path: str) -> Any:
+    """Manifest reader of RGB training: image files decoded as ``[3, H, W]``; 2-D ``.npy`` /
+    ``.h5`` entries (gray by construction) repeated to 3 channels."""
+    import os
+
+    import numpy as np
+
+    from .folders import IMAGE_EXTENSIONS, decode_image
+    from .manifest import read_unlabeled_image
+
+    if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+        return decode_image(path, channels=3)
+    return np.repeat(read_unlabeled_image(path)[None], 3, axis=0)
 
 
 def _folder_cache(data: Any) -> tuple[FolderDataset, torch.Tensor, torch.Tensor, int, list[Path]]:
@@ -147,10 +169,23 @@ def build_train_stream(
         unlabeled_files: list[Path] = []
     elif data.format == "folder":
         _, images, labels, n_l, unlabeled_files = _folder_cache(data)
+        if manifest is not None and images.dim() == 4 and images.shape[1] == 3:
+            manifest.reader = _rgb_reader  # colour labeled images: colour unlabeled ones too
         if manifest is None and not unlabeled_files:
             raise DataError(f"{data.root}: no unlabeled/image files and no data.unlabeled_manifest")
+    elif data.format == "nifti":
+        from .nifti import NiftiDataset
+
+        images, labels, n_l = NiftiDataset(data.root, num_classes=data.num_classes).load_slices(
+            data.labeled_patients, size)
+        if manifest is not None:
+            images, labels = images[:n_l], labels[:n_l]
+        elif n_l >= images.shape[0]:
+            raise DataError(f"{data.root}: every imagesTr slice is labeled with "
+                            f"{data.labeled_patients} labeled cases: no unlabeled data")
+        unlabeled_files = []
     else:
-        raise ValueError(f"data.format = {data.format!r}; choose 'ssl4mis' or 'folder'")
+        raise ValueError(f"data.format = {data.format!r}; choose 'ssl4mis', 'folder' or 'nifti'")
 
     if data.format == "folder" and manifest is None and data.backend == "torch":
         # torch backend: the unlabeled folder is cached too (decoded once, on the CPU).

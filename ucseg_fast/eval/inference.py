@@ -28,6 +28,9 @@ from .metrics import (Mode, SegmentationMetrics, mean_over_volumes, normalize_sp
 
 __all__ = [
     "EvaluationResult",
+    "ImageEvaluation",
+    "binary_decision_logits",
+    "evaluate_images",
     "evaluate_volumes",
     "predict_volume",
     "save_nifti",
@@ -221,3 +224,146 @@ def save_nifti(path: str | Path, volume: np.ndarray | torch.Tensor,
     path = Path(path)
     nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)), affine), str(path))
     return path
+
+
+# ------------------------------------------------------------------------------------------
+# 2D generic protocol: per-image prediction of colour / gray images (METHOD.md §4).
+# ------------------------------------------------------------------------------------------
+def binary_decision_logits(logits_NCHW: torch.Tensor) -> torch.Tensor:
+    """Two-channel logits whose ``argmax softmax`` is the binary rule ``σ(P)[:, 1] > 0.5``.
+
+    Lets the slice-wise volume path (which takes ``argmax softmax``) serve sigmoid-trained
+    models unchanged: the fp32 σ compare is made here (``σ`` rounds to exactly 0.5 for
+    0 < P ≲ 1.2e-7, so ``P_1 > 0`` would differ) and turned into ±1 logits, far from a tie.
+    """
+    fg_NHW = torch.sigmoid(logits_NCHW[:, 1].float()) > 0.5
+    one = torch.ones_like(logits_NCHW[:, 1], dtype=torch.float32)
+    return torch.stack([torch.where(fg_NHW, -one, one), torch.where(fg_NHW, one, -one)], 1)
+
+
+def _nearest_torch(x: torch.Tensor, out_hw: Sequence[int]) -> torch.Tensor:
+    """OpenCV INTER_NEAREST resize of the last two dims (the training cache's rule,
+    `ucseg_fast.data.ssl4mis.cv2_nearest_indices`) on the tensor's device."""
+    from ..data.ssl4mis import cv2_nearest_indices
+
+    h, w = x.shape[-2:]
+    if (h, w) == (int(out_hw[0]), int(out_hw[1])):
+        return x
+    rows = torch.as_tensor(cv2_nearest_indices(h, int(out_hw[0])), device=x.device)
+    cols = torch.as_tensor(cv2_nearest_indices(w, int(out_hw[1])), device=x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+@dataclass(frozen=True)
+class ImageEvaluation:
+    """Per-image Dice (and Jaccard) of the 2D generic protocol; ``dice``/``jaccard`` are the
+    means over images (the reference's "avg_dice", "avg_iou")."""
+
+    names: tuple[str, ...]
+    dice_per_image: tuple[float, ...]
+    jaccard_per_image: tuple[float, ...]
+
+    @property
+    def dice(self) -> float:
+        return float(np.mean(self.dice_per_image))
+
+    @property
+    def jaccard(self) -> float:
+        return float(np.mean(self.jaccard_per_image))
+
+    def mean(self) -> dict[str, float]:
+        return {"dice": self.dice, "jaccard": self.jaccard}
+
+
+def evaluate_images(predict_fn: PredictFn, items: Iterable[tuple[Any, Any, Any]],
+                    num_classes: int, *, img_size: Sequence[int] = (224, 224),
+                    batch_size: int = 16, device: torch.device | str | None = None,
+                    binary: bool = False, in_channels: int = 3,
+                    resolution: str = "model") -> ImageEvaluation:
+    """Per-image validation of image folders (the reference's 2D-generic protocol, METHOD.md §4).
+
+    items: ``(name, image [C, H, W] float, label [H, W] int)``; images may differ in size.
+    Each image is resized to ``img_size`` with OpenCV's nearest rule (the training cache's),
+    a gray image is repeated over ``in_channels``; prediction = ``σ(P)[:, 1] > 0.5``
+    (``binary``, sigmoid-trained) or ``argmax softmax(P)``. ``resolution="model"`` scores at
+    ``img_size`` against the label resized the same way (the reference: metrics at 224²);
+    ``"original"`` resizes the prediction back to the label's size instead.
+    Per image: medpy ``dc`` (0 when prediction and label are both empty) per class 1..C−1,
+    averaged over classes (one class when binary); Jaccard likewise (0 for empty-vs-empty).
+    """
+    if resolution not in ("model", "original"):
+        raise ValueError(f"evaluate_images: resolution must be 'model' or 'original', got "
+                         f"{resolution!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; must be >= 1")
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    size = (int(img_size[0]), int(img_size[1]))
+    classes = [1] if binary else list(range(1, num_classes))
+    names: list[str] = []
+    dice: list[torch.Tensor] = []
+    jac: list[torch.Tensor] = []
+
+    def score(pred_HW: torch.Tensor, label_HW: torch.Tensor) -> None:
+        d, j = [], []
+        for c in classes:
+            p, g = pred_HW == c, label_HW == c
+            inter = (p & g).sum().double()
+            tot = p.sum().double() + g.sum().double()
+            union = tot - inter
+            d.append(torch.where(tot > 0, 2 * inter / tot.clamp_min(1), torch.zeros_like(tot)))
+            j.append(torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(tot)))
+        dice.append(torch.stack(d).mean())
+        jac.append(torch.stack(j).mean())
+
+    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        x_NCHW = torch.stack([x for _, x, _ in pending])
+        with torch.no_grad():
+            logits = predict_fn(x_NCHW)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 4 \
+                or logits.shape[0] != x_NCHW.shape[0] or tuple(logits.shape[2:]) != size:
+            raise ValueError(f"predict_fn returned {getattr(logits, 'shape', type(logits))} for "
+                             f"input {tuple(x_NCHW.shape)}; expected [N, C, {size[0]}, {size[1]}]")
+        if binary:
+            pred_NHW = (torch.sigmoid(logits[:, 1].float()) > 0.5).long()
+        else:
+            pred_NHW = torch.softmax(logits.float(), dim=1).argmax(dim=1)
+        for (name, _, label_HW), pred_HW in zip(pending, pred_NHW):
+            if resolution == "model":
+                score(pred_HW, _nearest_torch(label_HW, size))
+            else:
+                score(_nearest_torch(pred_HW, label_HW.shape), label_HW)
+            names.append(name)
+        pending.clear()
+
+    for item in items:
+        if len(item) < 3:
+            raise ValueError(f"image items must be (name, image [C,H,W], label [H,W]); got "
+                             f"{len(item)} fields")
+        name, image, label = str(item[0]), item[1], item[2]
+        img = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+        lab = torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label)
+        if img.ndim == 2:
+            img = img[None]
+        if img.ndim != 3 or lab.ndim != 2 or tuple(img.shape[1:]) != tuple(lab.shape):
+            raise ValueError(f"image {name!r}: need image [C, H, W] and label [H, W] of the same "
+                             f"size, got {tuple(img.shape)} and {tuple(lab.shape)}")
+        if img.shape[0] not in (1, in_channels):
+            raise ValueError(f"image {name!r}: {img.shape[0]} channels, model takes {in_channels}")
+        x = _nearest_torch(img.to(dev, torch.float32), size)
+        if x.shape[0] == 1:
+            x = x.expand(in_channels, -1, -1)
+        pending.append((name, x.contiguous(), lab.to(dev, torch.int64)))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    if not names:
+        raise ValueError("evaluate_images got no images")
+    d_host = torch.stack(dice).cpu().tolist()  # one transfer for the whole validation set
+    j_host = torch.stack(jac).cpu().tolist()
+    return ImageEvaluation(names=tuple(names), dice_per_image=tuple(d_host),
+                           jaccard_per_image=tuple(j_host))

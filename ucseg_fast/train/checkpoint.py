@@ -6,6 +6,13 @@ SHA-256 of the tensor file so a half-written or mismatched pair is detected. Bot
 written to a temporary name, flushed and fsync'ed, then renamed: a crash never leaves a
 truncated checkpoint under the real name, and the previous one stays intact until the new
 one is complete.
+
+Multi-process runs (`Trainer.state_tensors`): replicated state (model, optimizer) appears once;
+rank-local state (CCP queues/pointers, RNG states, data-stream position) of rank 0 under the
+plain names (`objective.*`, `rng.*`, `stream.*`, so a single-process checkpoint keeps this
+layout) and of rank r > 0 under `rank{r}.*`, with its JSON part in meta["ranks"][str(r)] and the
+number of ranks in meta["world_size"] (absent in older checkpoints: 1). Everything goes
+through rank 0 into the same single pair, so atomicity and the hash check cover every rank.
 """
 from __future__ import annotations
 

@@ -11,20 +11,26 @@ What each rank does (the Trainer's DDP contract):
   converts to SyncBatchNorm); rank 0's buffers are broadcast at each forward;
 * each rank draws its own batches (`TrainStream(rank=, world_size=)`, independent streams);
 * each rank keeps its own CCP memory queues, filled from its own batches (the queues are not
-  model parameters; averaging them would mix features of different steps). Checkpoints hold
-  rank 0's queues;
+  model parameters; averaging them would mix features of different steps);
 * loss terms accumulate on each device and are all-reduced only at log time;
-* validation, the JSONL log and checkpoints happen on rank 0 only.
+* validation and the JSONL log happen on rank 0 only; rank 0 broadcasts whether validation
+  improved (`broadcast_flag`) so that every rank takes part in saving `best`;
+* checkpoints: every rank's rank-local state (data-stream position, RNG states, copy-paste
+  generator, CCP queues and pointers) is gathered to rank 0 (`gather_to_main`), which writes
+  one atomic checkpoint pair; on load each rank restores its own state (same world size only).
 """
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_from_env", "all_reduce_mean", "barrier"]
+__all__ = ["DistInfo", "init_from_env", "all_reduce_mean", "barrier", "gather_to_main",
+           "broadcast_flag"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +80,32 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def _collective_device(device: torch.device):
+    """NCCL object collectives stage their bytes on `torch.cuda.current_device()`: make that
+    this rank's device (a caller-adopted process group may not have set it)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
+def gather_to_main(obj: Any, info: DistInfo, device: torch.device) -> list[Any] | None:
+    """Every rank's picklable `obj`, in rank order, on rank 0 (None on the other ranks).
+
+    Checkpoint time only (a pickle round trip plus a host sync). Tensors inside `obj` must be
+    on the CPU: a CUDA tensor would be unpickled onto the sender's device index on rank 0."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * info.world_size if info.is_main else None
+    with _collective_device(device):
+        dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (e.g. "validation improved: save best"). Host sync:
+    validation / checkpoint time only."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())  # sync-ok: once per validation, outside the step

@@ -9,6 +9,14 @@ device tensors, so the step has no host synchronisation and can be captured as a
 
 Call order follows the reference exactly, because it matters for the numbers: IFE of the
 un-mixed batch reads the queues before this step's update; the mixed IFE reads them after.
+
+`supervision` picks the reference trainer whose loss family is reproduced (METHOD.md §2):
+"softmax" = the ACDC trainer (CE, softmax Dice, argmax pseudo-labels); "sigmoid" = the
+2D-generic / 3D trainers (binary, C = 2: BCE on the 2-channel one-hot, σ Dice, AU on the same
+logits, pseudo-label [σ(P_c) > 0.5] per channel (with `nms`: the 3D rule [σ(P_1) ≥ 0.5] +
+largest component), IFE masks σ(z_k) resized then > 0.5, the diff terms on σ, the soft queue
+gate on channel 1 / the hard gate on [σ(z_1) > 0.5]). Logged term names stay `ce*` in both
+modes (the classification term: BCE under "sigmoid"), so logs keep one schema.
 """
 from __future__ import annotations
 
@@ -18,10 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from ..ccp import CCP
-from ..losses import acc, ce_loss, diff_loss, dice_loss, pseudo_total, queue_gate, queue_gate_hard
+from ..losses import acc, bce_loss, ce_loss, diff_loss, dice_loss, pseudo_total, queue_gate
+from ..losses import queue_gate_hard
 from ..losses import supervised_terms, supervised_total
 from ..pseudo_labels import copy_paste_box, copy_paste_mask, copy_paste_mix, fusion_pseudo_label
-from ..pseudo_labels import one_hot, prediction_masks
+from ..pseudo_labels import fusion_pseudo_label_map, one_hot, prediction_masks
 
 
 class StepScalars(Protocol):
@@ -38,8 +47,22 @@ class UCSegObjective(nn.Module):
                  embed_c_factor: float = 0.2, embed_p_factor: float = 0.1, ccp: bool = True,
                  queue_size: int = 1440, contrast_temperature: float = 0.3,
                  queue_pointer: str = "per_class", queue_init: str = "feature_norm",
-                 queue_gate: str = "hard", feature_channels=(64, 128, 256)):
+                 queue_gate: str = "hard", feature_channels=(64, 128, 256),
+                 supervision: str = "softmax"):
         super().__init__()
+        if supervision not in ("softmax", "sigmoid"):
+            raise ValueError(f"loss.supervision = {supervision!r}; choose 'softmax' or 'sigmoid'")
+        if supervision == "sigmoid":
+            if num_classes != 2:
+                raise ValueError(f"loss.supervision = 'sigmoid' is the binary variant (2-channel "
+                                 f"one-hot [bg, fg]); data.num_classes = {num_classes}")
+            if pseudo_mode != "fusion":
+                raise ValueError(f"loss.supervision = 'sigmoid' supports loss.pseudo_mode = "
+                                 f"'fusion' only (the entropy modes are softmax rules), got "
+                                 f"{pseudo_mode!r}")
+        self.supervision = supervision
+        self.binary = supervision == "sigmoid"
+        self.kind = "bce" if self.binary else "ce"
         self.num_classes = num_classes
         self.pseudo_mode = pseudo_mode
         self.nms = nms
@@ -52,7 +75,19 @@ class UCSegObjective(nn.Module):
                        queue_init=queue_init) if ccp else None
 
     # ------------------------------------------------------------------------------------
+    def _prob(self, logits: Tensor) -> Tensor:
+        """softmax over C (ACDC) or per-channel σ (binary): what Dice, diff and gates read."""
+        return torch.sigmoid(acc(logits)) if self.binary else torch.softmax(acc(logits), 1)
+
+    def _cls_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return bce_loss(logits, target) if self.binary else ce_loss(logits, target)
+
     def _gate(self, logits_l: Tensor, y_l_oh: Tensor) -> Tensor:
+        if self.binary:
+            prob = torch.sigmoid(logits_l.float())
+            if self.gate_mode == "soft":
+                return queue_gate(prob, y_l_oh, binary=True)
+            return queue_gate_hard((prob[:, 1] > 0.5).long(), y_l_oh.argmax(1), 2)
         prob = torch.softmax(logits_l.float(), 1)
         if self.gate_mode == "soft":
             return queue_gate(prob, y_l_oh)
@@ -67,18 +102,29 @@ class UCSegObjective(nn.Module):
                 from ..ops import entropy_pseudo_label
                 res = entropy_pseudo_label(out.z1[Bl:], out.z2[Bl:], tau)
                 return one_hot(res.labels, C, torch.float32), res.mask
-            Y_u = fusion_pseudo_label(out.P[Bl:].detach(), nms=self.nms)
+            Y_u = fusion_pseudo_label(out.P[Bl:].detach(), nms=self.nms, binary=self.binary)
             if self.pseudo_mode == "fusion+mask":
                 conf = torch.softmax(out.P[Bl:].float(), 1).amax(1)
                 return Y_u, conf >= tau
             return Y_u, None
 
-    @staticmethod
-    def _diff(out) -> tuple[Tensor, Tensor]:
-        """The reference's gradient-free BCE between the subnets (logged, added as constants)."""
-        p1 = torch.softmax(out.z1.detach().float(), 1)
-        p2 = torch.softmax(out.z2.detach().float(), 1)
+    def _diff(self, out) -> tuple[Tensor, Tensor]:
+        """The reference's gradient-free BCE between the subnets (logged, added as constants);
+        on softmax (ACDC) or σ (binary) probabilities."""
+        act = torch.sigmoid if self.binary else (lambda z: torch.softmax(z, 1))
+        p1 = act(out.z1.detach().float())
+        p2 = act(out.z2.detach().float())
         return diff_loss(p1, p2), diff_loss(p2, p1)
+
+    def _ife_masks(self, z: Tensor) -> Tensor:
+        """IFE class masks of one subnet (CCP resizes them bilinearly, then > 0.5).
+        ACDC: one-hot of the (largest-CC) argmax. Binary: σ(z_k) itself (the 2D-generic
+        trainer), or with `nms` the one-hot of the 3D rule [σ(z_1) ≥ 0.5] + largest CC."""
+        if not self.binary:
+            return prediction_masks(z, nms=self.nms)
+        if self.nms:
+            return one_hot(fusion_pseudo_label_map(z, True, binary=True), 2)
+        return torch.sigmoid(acc(z))
 
     def _contrast(self, out) -> tuple[Tensor, list[Tensor], list[list[Tensor]]]:
         """IC and IFE of one forward (queues read as they are now) and the three feature levels."""
@@ -87,17 +133,15 @@ class UCSegObjective(nn.Module):
             return zero, [zero, zero], [[], []]
         f1, f2 = list(out.feats1[-3:]), list(out.feats2[-3:])
         with torch.no_grad():
-            masks = [prediction_masks(out.z1.detach(), nms=self.nms),
-                     prediction_masks(out.z2.detach(), nms=self.nms)]
+            masks = [self._ife_masks(out.z1.detach()), self._ife_masks(out.z2.detach())]
         ic = self.ccp.ic(f1, f2)[0]
         ife = [self.ccp.ife(f1, masks[0], 1)[0], self.ccp.ife(f2, masks[1], 2)[0]]
         return ic, ife, [f1, f2]
 
-    @staticmethod
-    def _unsup(logits: Tensor, Y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """CE + Dice against a hard target; masked variants average over kept pixels."""
+    def _unsup(self, logits: Tensor, Y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """CE (BCE) + Dice against a hard target; masked variants average over kept pixels."""
         if mask is None:
-            return ce_loss(logits, Y), dice_loss(torch.softmax(acc(logits), 1), Y)
+            return self._cls_loss(logits, Y), dice_loss(self._prob(logits), Y)
         from ..ops import pseudo_label_loss
         labels = Y.argmax(1)
         ce = pseudo_label_loss(logits, labels, mask)
@@ -124,12 +168,12 @@ class UCSegObjective(nn.Module):
 
         sup = []
         for k, z in ((1, out.z1), (2, out.z2)):
-            s = supervised_terms(z[:Bl], y_oh, y_l, sched.lam, kind="ce")
+            s = supervised_terms(z[:Bl], y_oh, y_l, sched.lam, kind=self.kind)
             sup.append(supervised_total(s))
-            terms.update({f"ce{k}_l": s["ce"], f"au{k}": s["au"], f"dice{k}_l": s["dice"]})
-        sP = supervised_terms(out.P[:Bl], y_oh, y_l, sched.lam, kind="ce")
+            terms.update({f"ce{k}_l": s[self.kind], f"au{k}": s["au"], f"dice{k}_l": s["dice"]})
+        sP = supervised_terms(out.P[:Bl], y_oh, y_l, sched.lam, kind=self.kind)
         pseudo = pseudo_total(sP)
-        terms.update({"ceP_l": sP["ce"], "auP": sP["au"], "diceP_l": sP["dice"], "pseudo": pseudo})
+        terms.update({"ceP_l": sP[self.kind], "auP": sP["au"], "diceP_l": sP["dice"], "pseudo": pseudo})
 
         Y_u, mask_u = self._pseudo_targets(out, Bl, sched.tau)
         Y_u = Y_u.to(ftype)
@@ -169,8 +213,8 @@ class UCSegObjective(nn.Module):
             outm = model(x_mix)
             mix, diffmix = [], []
             for k, z in ((1, outm.z1), (2, outm.z2)):
-                ce_m = ce_loss(z, y_mix)
-                dice_m = dice_loss(torch.softmax(acc(z), 1), y_mix)
+                ce_m = self._cls_loss(z, y_mix)
+                dice_m = dice_loss(self._prob(z), y_mix)
                 mix.append(ce_m + dice_m)
                 terms.update({f"ce{k}_m": ce_m, f"dice{k}_m": dice_m})
             diffmix = self._diff(outm)

@@ -7,7 +7,8 @@ loss terms. Host reads happen only every `log_every` steps (JSONL log with GPU t
 progress bar) and at validation / checkpoint time. Validation runs the reference's slice-wise
 protocol on the `val.list` volumes (Dice, classes 1..C-1) and keeps `best` (on validation only)
 and `last`. Under torchrun the model is DDP-wrapped (see `train.distributed`): per-rank data and
-CCP queues, terms all-reduced at log time, validation / log / checkpoints on rank 0.
+CCP queues, terms all-reduced at log time, validation / log on rank 0; checkpoints gather
+every rank's rank-local state to rank 0, which writes one pair (exact multi-process resume).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from ..eval import evaluate_volumes
 from ..models import build_ucseg_2d
 from .checkpoint import CheckpointError, join_state, load_checkpoint, save_checkpoint, split_state
 from .objective import UCSegObjective
-from .distributed import DistInfo, all_reduce_mean, init_from_env
+from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_flag,
+                          gather_to_main, init_from_env)
 from .schedules import ScheduleTensors
 from .step import StepRunner, apex_fused_sgd, check_graph_capturable, foreach_sgd_step
 
@@ -82,10 +84,12 @@ class Trainer:
         if dc.format == "folder":
             self.dataset = FolderDataset(dc.root, num_classes=dc.num_classes,
                                          mask_mode=dc.mask_mode)
-            if self.dataset.channels != 1:
-                raise NotImplementedError(
-                    f"{dc.root}: validation of colour image folders is not implemented yet "
-                    "(slice-wise inference repeats one gray channel); use gray images")
+            if self.dataset.channels == 3 and cfg.model.in_channels != 3:
+                raise ValueError(f"{dc.root}: colour image folder, but model.in_channels = "
+                                 f"{cfg.model.in_channels}; set model.in_channels = 3")
+        elif dc.format == "nifti":
+            from ..data.nifti import NiftiDataset
+            self.dataset = NiftiDataset(dc.root, num_classes=dc.num_classes)
         else:
             self.dataset = SSL4MISDataset(dc.root, num_classes=dc.num_classes)
 
@@ -98,7 +102,7 @@ class Trainer:
             embed_c_factor=lc.embed_c_factor, embed_p_factor=lc.embed_p_factor, ccp=lc.ccp,
             queue_size=lc.queue_size, contrast_temperature=lc.contrast_temperature,
             queue_pointer=lc.queue_pointer, queue_init=lc.queue_init,
-            queue_gate=lc.queue_gate).to(self.device)
+            queue_gate=lc.queue_gate, supervision=lc.supervision).to(self.device)
         self.scalars = ScheduleTensors(
             self.device, base_lr=tc.base_lr, T=tc.max_iterations, consistency=lc.consistency,
             rampup=lc.consistency_rampup, unsup_factor=lc.unsup_factor,
@@ -270,8 +274,10 @@ class Trainer:
                         bar.set_postfix(post, refresh=False)
                     acc, n_acc, data_wait = {}, 0, 0.0
                     t_last, it_last = now, self.iteration
-                if main and (self.iteration % tc.val_every == 0 or done or
-                             (halt and time_budget_s is not None)):
+                val_now = (self.iteration % tc.val_every == 0 or done or
+                           (halt and time_budget_s is not None))
+                improved = False
+                if main and val_now:
                     dice = self.validate()
                     rec = {"iteration": self.iteration, "val_dice": dice,
                            "train_s": train_s + time.perf_counter() - t_last}
@@ -280,10 +286,13 @@ class Trainer:
                         f.write(json.dumps(rec) + "\n")
                     if dice > self.best_dice:
                         self.best_dice, self.best_iteration = dice, self.iteration
-                        self.save("best")
+                        improved = True
                     self.log(f"iteration {self.iteration}: val Dice {dice:.4f} "
                              f"(best {self.best_dice:.4f} at {self.best_iteration})")
-                if main and (self.iteration % tc.checkpoint_every == 0 or halt):
+                # saves are collective: every rank's rank-local state goes into the checkpoint
+                if val_now and broadcast_flag(improved, self.dist, self.device):
+                    self.save("best")
+                if self.iteration % tc.checkpoint_every == 0 or halt:
                     self.save("last")
                 if self.iteration % tc.val_every == 0 or self.iteration % tc.checkpoint_every == 0:
                     t_last = time.perf_counter()  # keep validation / saving out of step_ms
@@ -302,15 +311,17 @@ class Trainer:
         if self._val_volumes is None:
             limit = self.cfg.train.max_val_volumes or None
             if isinstance(self.dataset, FolderDataset):
-                # every validation image is a one-slice volume (per-image Dice, METHOD.md §4)
+                # (name, image [C,H,W], label [H,W]) per image: the 2D-generic protocol
                 vols = []
                 for path in self.dataset.images("val")[:limit]:
                     image_CHW, label_HW = self.dataset.read_pair(path)
-                    vols.append((path.stem, image_CHW[:1], label_HW[None].astype("int64")))
+                    vols.append((path.stem, image_CHW, label_HW.astype("int64")))
                 if not vols:
                     raise FileNotFoundError(f"{self.dataset.root / 'val' / 'image'}: no "
                                             "validation images")
                 self._val_volumes = vols
+            elif self.cfg.data.format == "nifti":
+                self._val_volumes = self.dataset.val_volumes(limit)
             else:
                 names = self.dataset.volumes("val")[:limit]
                 self._val_volumes = [(n, *self.dataset.read_volume(n)) for n in names]
@@ -325,71 +336,125 @@ class Trainer:
         return fn
 
     def validate(self) -> float:
-        """Mean validation Dice (classes 1..C-1, then volumes), the reference's protocol."""
+        """Mean validation Dice, the reference's protocols: image folders per image at img_size
+        (2D generic, METHOD.md §4), volumes slice-wise (classes 1..C-1, then volumes). With
+        loss.supervision = "sigmoid" the prediction is σ(P)[:, 1] > 0.5."""
+        binary = self.cfg.loss.supervision == "sigmoid"
         self.model.eval()
         try:
-            res = evaluate_volumes(self.predict_fn(), self.val_volumes(), self.cfg.data.num_classes,
+            if self.cfg.data.format == "folder":
+                from ..eval.inference import evaluate_images
+                res_img = evaluate_images(self.predict_fn(), self.val_volumes(),
+                                          self.cfg.data.num_classes,
+                                          img_size=tuple(self.cfg.data.img_size),
+                                          batch_size=self.cfg.train.val_batch_size,
+                                          device=self.device, binary=binary,
+                                          in_channels=self.cfg.model.in_channels)
+                return res_img.dice
+            fn = self.predict_fn()
+            if binary:
+                from ..eval.inference import binary_decision_logits
+                fn = (lambda f: lambda x: binary_decision_logits(f(x)))(fn)
+            res = evaluate_volumes(fn, self.val_volumes(), self.cfg.data.num_classes,
                                    img_size=tuple(self.cfg.data.img_size),
                                    batch_size=self.cfg.train.val_batch_size,
-                                   device=self.device, dice_only=True)
+                                   device=self.device, dice_only=True,
+                                   in_channels=self.cfg.model.in_channels)
         finally:
             self.model.train()
         return float(res.mean()["dice"])
 
     # ----------------------------------------------------------------------------------
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _rank_state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This process's rank-local state: CCP queues and pointers (objective buffers), the
+        torch / CUDA / copy-paste / Python / NumPy RNG states and the data-stream position;
+        tensor keys start with `prefix` ("" on rank 0, "rank{r}." on rank r). All tensors are
+        on the CPU (they travel to rank 0 by pickle)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for k, v in self.objective.state_dict().items():
+            tensors[f"{prefix}objective.{k}"] = v.detach().cpu().contiguous()
+        rng = {"cpu": torch.get_rng_state(), "mix": self.mix_generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = {"rng": split_state(rng, f"{prefix}rng", tensors),
+                "python_rng": _py_state(random.getstate()),
+                "numpy_rng": _np_state(np.random.get_state()),
+                "stream": split_state(self.stream.state_dict(), f"{prefix}stream", tensors)}
+        return tensors, meta
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The checkpoint's tensors and JSON metadata, on rank 0 (None on the other ranks).
+
+        Collective under DDP: every rank must call it. Replicated state (model, optimizer —
+        identical on every rank) is rank 0's; rank-local state (`_rank_state`) is gathered
+        from every rank: rank 0's under the plain names (a single-process checkpoint has the
+        same layout as before), rank r's tensors under `rank{r}.` and its metadata under
+        meta["ranks"][str(r)]; meta["world_size"] records the number of ranks."""
+        r = self.dist.rank
+        local = self._rank_state("" if r == 0 else f"rank{r}.")
+        gathered = gather_to_main(local, self.dist, self.device)
+        if gathered is None:
+            return None
         tensors: dict[str, torch.Tensor] = {}
         for k, v in self.model.state_dict().items():
             tensors[f"model.{k}"] = v
-        for k, v in self.objective.state_dict().items():
-            tensors[f"objective.{k}"] = v
-        opt = self.optimizer.state_dict()
-        opt_meta = split_state(opt, "optim", tensors)
-        rng = {"cpu": torch.get_rng_state(), "mix": self.mix_generator.get_state(),
-               "python": random.getstate(), "numpy": np.random.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        rng_meta = split_state({k: v for k, v in rng.items() if k not in ("python", "numpy")},
-                               "rng", tensors)
-        stream_meta = split_state(self.stream.state_dict(), "stream", tensors)
+        opt_meta = split_state(self.optimizer.state_dict(), "optim", tensors)
+        ranks: dict[str, Any] = {}
+        for rank, (t_r, m_r) in enumerate(gathered):
+            tensors.update(t_r)
+            if rank:
+                ranks[str(rank)] = m_r
         meta = {"config": self.cfg.to_dict(), "iteration": self.iteration,
                 "best_val_dice": self.best_dice, "best_iteration": self.best_iteration,
-                "history": self.history, "optimizer": opt_meta, "rng": rng_meta,
-                "python_rng": _py_state(random.getstate()),
-                "numpy_rng": _np_state(np.random.get_state()), "stream": stream_meta,
+                "history": self.history, "optimizer": opt_meta, **gathered[0][1],
+                "world_size": self.dist.world_size, "ranks": ranks,
                 "torch_version": torch.__version__}
         return tensors, meta
 
     def save(self, tag: str) -> Path:
-        tensors, meta = self.state_tensors()
-        return save_checkpoint(self.out_dir, tag, tensors, meta)
+        """Write `<out_dir>/<tag>` (atomic pair, rank 0 writes). Collective under DDP: every
+        rank calls it and returns once the pair is complete on disk."""
+        state = self.state_tensors()
+        path = self.out_dir / f"{tag}.json"
+        if state is not None:
+            path = save_checkpoint(self.out_dir, tag, *state)
+        barrier(self.dist)
+        return path
 
     def load(self, path: str | Path, *, strict_config: bool = True) -> None:
-        """Restore a checkpoint for an exact resume."""
+        """Restore a checkpoint for an exact resume; under DDP each rank restores its own
+        rank-local state, so the world size must be the one the checkpoint was saved with."""
         tensors, meta = load_checkpoint(path)
         saved = config_from_dict(meta["config"], source=f"{path} (saved config)")
         diffs = diff_configs(saved, self.cfg)
         if diffs and strict_config:
             raise CheckpointError(f"{path}: checkpoint was trained with a different config: "
                                   + "; ".join(diffs))
-        if self.dist.world_size > 1:
-            # The checkpoint holds rank 0's data position, RNG and CCP queues only.
-            warnings.warn(f"resuming {path} with {self.dist.world_size} processes: every rank "
-                          "restores rank 0's data-stream position, RNG state and CCP queues, so "
-                          "the continuation is not bit-exact (single-process resume is)",
-                          stacklevel=2)
+        saved_ws, ws, r = int(meta.get("world_size", 1)), self.dist.world_size, self.dist.rank
+        if saved_ws != ws:
+            raise CheckpointError(
+                f"{path}: checkpoint was saved with world size {saved_ws} but this run has world "
+                f"size {ws}: each rank's data position, RNG and CCP queues cannot be mapped onto "
+                f"another number of processes; resume with {saved_ws} process(es) (eval / "
+                "predict load the model weights from any checkpoint)")
+        prefix = "" if r == 0 else f"rank{r}."
+        local = meta if r == 0 else meta.get("ranks", {}).get(str(r))
+        if local is None:
+            raise CheckpointError(f"{path}: no rank-local state for rank {r} "
+                                  f"(meta['ranks'] has {sorted(meta.get('ranks', {}))})")
         load_model_state(self.model, tensors, str(path))
-        obj = {k[len("objective."):]: v for k, v in tensors.items() if k.startswith("objective.")}
+        head = f"{prefix}objective."
+        obj = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
         self.objective.load_state_dict(obj)
         self.optimizer.load_state_dict(_to_device(join_state(meta["optimizer"], tensors), self.device))
-        rng = join_state(meta["rng"], tensors)
+        rng = join_state(local["rng"], tensors)
         torch.set_rng_state(rng["cpu"])
         self.mix_generator.set_state(rng["mix"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        random.setstate(_py_state_back(meta["python_rng"]))
-        np.random.set_state(_np_state_back(meta["numpy_rng"]))
-        self.stream.load_state_dict(join_state(meta["stream"], tensors))
+        random.setstate(_py_state_back(local["python_rng"]))
+        np.random.set_state(_np_state_back(local["numpy_rng"]))
+        self.stream.load_state_dict(join_state(local["stream"], tensors))
         if self._uses_tensor_lr():  # load_state_dict put a loaded copy in place of the tensor
             for g in self.optimizer.param_groups:
                 g["lr"] = self.scalars.lr

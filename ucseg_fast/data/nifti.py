@@ -1,0 +1,232 @@
+"""NIfTI image/label volume pairs (nibabel): the nnU-Net / Medical Segmentation Decathlon layout.
+
+Layout (``data.format = "nifti"``)::
+
+    <root>/imagesTr/<case>.nii.gz   or  <case>_0000.nii.gz   (nnU-Net channel suffix)
+    <root>/labelsTr/<case>.nii.gz                            (label of a training case, optional)
+    <root>/imagesVal/ + labelsVal/  (validation; falls back to imagesTs/ + labelsTs/)
+
+or explicit lists (`NiftiDataset.from_lists`). Training cases in sorted order; like the SSL4MIS
+split, the first ``data.labeled_patients`` cases *that have a label* are labeled, every other
+case of ``imagesTr`` is unlabeled (its label, if any, is never read).
+
+Volumes are read as axial slices ``[D, H, W]``: nibabel's ``(x, y, z)`` array transposed to
+``(z, y, x)``, the inverse of `ucseg_fast.eval.inference.save_nifti`, with spacing ``(D, H, W)``
+from the header zooms. Images are min-max normalised per volume to [0, 1] (SSL4MIS's ACDC
+preprocessing; ``normalize="none"`` keeps the stored values). Labels must hold integer values
+in ``[0, num_classes)``. A missing label, an image/label shape mismatch, a non-3D volume, a
+non-integer or out-of-range label or an unreadable file is a `DataError` naming the file.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .ssl4mis import DataError, resize_nearest
+
+__all__ = ["NiftiDataset", "read_nifti", "NIFTI_SUFFIXES"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _case_name(path: Path) -> str:
+    """``case_0000.nii.gz`` -> ``case`` (nnU-Net channel suffix dropped), ``case.nii`` -> ``case``."""
+    name = path.name
+    for suf in NIFTI_SUFFIXES:
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+            break
+    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        name = name[:-5]
+    return name
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+
+
+def read_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Volume ``[D, H, W]`` as stored (no scaling beyond the header's slope/intercept) and its
+    spacing ``(D, H, W)``. A 4D volume with one channel/time point is squeezed; others raise."""
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"NIfTI file not found: {p}")
+    try:
+        img = nib.load(str(p))
+        arr = np.asanyarray(img.dataobj)
+        zooms = tuple(float(z) for z in img.header.get_zooms())
+    except Exception as exc:  # nibabel raises several types (ImageFileError, EOFError, zlib ...)
+        raise DataError(f"{p}: unreadable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise DataError(f"{p}: expected a 3D volume (x, y, z), got shape {arr.shape}")
+    sx, sy, sz = (zooms + (1.0, 1.0, 1.0))[:3]
+    return np.ascontiguousarray(arr.transpose(2, 1, 0)), (sz, sy, sx)
+
+
+class NiftiDataset:
+    """Reader of NIfTI training / validation volumes (see the module docstring).
+
+    Args:
+        root: folder with ``imagesTr/`` (and ``labelsTr/``, ``imagesVal/``, ``labelsVal/``).
+        num_classes: labels are checked against ``[0, num_classes)``.
+        normalize: ``"minmax"`` (per volume, to [0, 1]) or ``"none"``.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None, *, num_classes: int,
+                 normalize: str = "minmax") -> None:
+        if normalize not in ("minmax", "none"):
+            raise ValueError(f"normalize must be 'minmax' or 'none', got {normalize!r}")
+        self.num_classes = int(num_classes)
+        self.normalize = normalize
+        self.root = Path(root) if root is not None else None
+        self._train: list[tuple[Path, Path | None]] = []
+        self._val: list[tuple[Path, Path | None]] = []
+        if self.root is not None:
+            if not (self.root / "imagesTr").is_dir():
+                raise FileNotFoundError(f"NIfTI dataset: {self.root / 'imagesTr'} not found (layout "
+                                        "<root>/imagesTr/*.nii.gz + labelsTr/, nnU-Net / MSD)")
+            self._train = self._scan("imagesTr", "labelsTr")
+            if not self._train:
+                raise DataError(f"{self.root / 'imagesTr'}: no .nii/.nii.gz files")
+            for im, lab in (("imagesVal", "labelsVal"), ("imagesTs", "labelsTs")):
+                if (self.root / im).is_dir():
+                    self._val = [(i, l) for i, l in self._scan(im, lab)]
+                    break
+
+    @classmethod
+    def from_lists(cls, images: Sequence[str | os.PathLike[str]],
+                   labels: Sequence[str | os.PathLike[str] | None], *, num_classes: int,
+                   val_images: Sequence[str | os.PathLike[str]] = (),
+                   val_labels: Sequence[str | os.PathLike[str]] = (),
+                   normalize: str = "minmax") -> NiftiDataset:
+        """Explicit pairs; ``labels[i] = None`` marks an unlabeled case."""
+        if len(images) != len(labels) or len(val_images) != len(val_labels):
+            raise ValueError(f"image/label lists differ in length: {len(images)} vs {len(labels)}, "
+                             f"validation {len(val_images)} vs {len(val_labels)}")
+        self = cls(None, num_classes=num_classes, normalize=normalize)
+        self._train = [(Path(i), None if l is None else Path(l)) for i, l in zip(images, labels)]
+        self._val = [(Path(i), Path(l)) for i, l in zip(val_images, val_labels)]
+        return self
+
+    def _scan(self, images: str, labels: str) -> list[tuple[Path, Path | None]]:
+        assert self.root is not None
+        out = []
+        lab_dir = self.root / labels
+        for p in sorted(q for q in (self.root / images).iterdir() if _is_nifti(q)):
+            case = _case_name(p)
+            lab = None
+            for cand in (lab_dir / p.name, *(lab_dir / f"{case}{s}" for s in NIFTI_SUFFIXES)):
+                if cand.is_file():
+                    lab = cand
+                    break
+            out.append((p, lab))
+        return out
+
+    # ------------------------------------------------------------------ listing
+    def cases(self, split: str = "train") -> list[tuple[Path, Path | None]]:
+        """``(image, label or None)`` pairs of ``train`` or ``val`` in sorted order."""
+        if split == "train":
+            return list(self._train)
+        if split == "val":
+            return list(self._val)
+        raise ValueError(f"unknown split {split!r}; allowed: train, val")
+
+    def labeled_split(self, labeled_cases: int) -> tuple[list[tuple[Path, Path]], list[Path]]:
+        """The first ``labeled_cases`` labeled training cases, and every other training image."""
+        labeled = [(i, l) for i, l in self._train if l is not None][:labeled_cases]
+        taken = {i for i, _ in labeled}
+        return labeled, [i for i, _ in self._train if i not in taken]  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ reading
+    def read_image(self, path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """Image float32 ``[D, H, W]`` (normalised) and spacing."""
+        vol, spacing = read_nifti(path)
+        if not np.issubdtype(vol.dtype, np.number):
+            raise DataError(f"{path}: image dtype {vol.dtype} is not numeric")
+        vol = vol.astype(np.float32)
+        if not np.isfinite(vol).all():
+            raise DataError(f"{path}: image holds NaN or inf values")
+        if self.normalize == "minmax":
+            lo, hi = float(vol.min()), float(vol.max())
+            vol = (vol - lo) / max(hi - lo, 1e-12)
+        return vol, spacing
+
+    def read_label(self, path: str | os.PathLike[str]) -> np.ndarray:
+        """Label uint8 ``[D, H, W]``; integer values in ``[0, num_classes)`` (float storage is
+        fine when every value is an integer)."""
+        vol, _ = read_nifti(path)
+        if np.issubdtype(vol.dtype, np.floating):
+            if not np.isfinite(vol).all() or not np.array_equal(vol, np.round(vol)):
+                raise DataError(f"{path}: label holds non-integer values (a label map must be "
+                                "class ids)")
+        elif not np.issubdtype(vol.dtype, np.integer) and vol.dtype != np.bool_:
+            raise DataError(f"{path}: label dtype {vol.dtype} is not integer")
+        lo, hi = (float(vol.min()), float(vol.max())) if vol.size else (0.0, 0.0)
+        if lo < 0 or hi >= self.num_classes:
+            raise DataError(f"{path}: label value {int(hi) if hi >= self.num_classes else int(lo)} "
+                            f"outside the class set [0, {self.num_classes})")
+        return vol.astype(np.uint8)
+
+    def read_pair(self, image: str | os.PathLike[str], label: str | os.PathLike[str]
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+        """Image float32 ``[D, H, W]``, label uint8 ``[D, H, W]``, spacing; shapes checked."""
+        vol, spacing = self.read_image(image)
+        lab = self.read_label(label)
+        if lab.shape != vol.shape:
+            raise DataError(f"{label}: label shape {lab.shape} (D, H, W) != image shape "
+                            f"{vol.shape} of {image}")
+        return vol, lab, spacing
+
+    def val_volumes(self, limit: int | None = None) -> list[tuple[str, np.ndarray, np.ndarray,
+                                                                  tuple[float, float, float]]]:
+        """``(name, image, label, spacing)`` of the validation cases (`evaluate_volumes` items)."""
+        cases = self._val[:limit]
+        if not cases:
+            where = self.root if self.root is not None else "the explicit lists"
+            raise FileNotFoundError(f"{where}: no validation volumes (imagesVal/ + labelsVal/ or "
+                                    "imagesTs/ + labelsTs/)")
+        out = []
+        for img, lab in cases:
+            if lab is None:
+                raise DataError(f"{img}: validation image has no label")
+            vol, y, sp = self.read_pair(img, lab)
+            out.append((_case_name(img), vol, y, sp))
+        return out
+
+    def load_slices(self, labeled_cases: int, size: tuple[int, int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Training cache: axial slices resized with OpenCV's nearest rule (the reference's first
+        transform): images float32 ``[N, H, W]``, labels uint8 ``[N, H, W]`` (0 on unlabeled
+        slices), and the labeled slice count (labeled slices first)."""
+        labeled, unlabeled = self.labeled_split(labeled_cases)
+        if not labeled:
+            raise DataError(f"{self.root or 'NIfTI lists'}: no labeled training case (labelsTr/ "
+                            "missing or empty)")
+        h, w = int(size[0]), int(size[1])
+        imgs: list[np.ndarray] = []
+        labs: list[np.ndarray] = []
+        for img, lab in labeled:
+            vol, y, _ = self.read_pair(img, lab)
+            imgs.append(resize_nearest(vol, (h, w)))
+            labs.append(resize_nearest(y, (h, w)))
+        n_l = sum(a.shape[0] for a in imgs)
+        for img in unlabeled:
+            vol, _ = self.read_image(img)
+            r = resize_nearest(vol, (h, w))
+            imgs.append(r)
+            labs.append(np.zeros(r.shape, np.uint8))
+        images = torch.from_numpy(np.ascontiguousarray(np.concatenate(imgs), dtype=np.float32))
+        labels = torch.from_numpy(np.ascontiguousarray(np.concatenate(labs)))
+        return images, labels, n_l
+
+    def __repr__(self) -> str:
+        return (f"NiftiDataset(root={str(self.root) if self.root else None!r}, "
+                f"num_classes={self.num_classes}, train={len(self._train)}, val={len(self._val)})")
