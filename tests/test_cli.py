@@ -111,3 +111,9 @@ def test_train_image_folder_with_each_backend(synthetic, tmp_path, backend):
                  f"--train.out_dir='{out}'", "--train.max_val_volumes=2", *TINY]) == 0
     recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["iteration"] for r in recs if "L" in r] == [1, 2, 3]
+    if backend == "torch":  # the same per-image protocol scores the checkpoint afterwards
+        assert main(["eval", "--checkpoint", str(out / "best.json"), "--out",
+                     str(tmp_path / "ev")]) == 0
+        res = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+        assert set(res) == {"dice", "jaccard", "images"} and len(res["images"]) > 0
+        assert max(r["iteration"] for r in recs if "val_dice" in r) == 3

@@ -69,34 +69,37 @@ def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str)
 
 
 def cmd_eval(args, extra) -> int:
-    from .data import SSL4MISDataset
-    from .eval import evaluate_volumes
-    from .eval.report import format_table, save_overlay_figure, write_csv, write_json
+    from .eval.inference import ImageEvaluation
+    from .eval.protocol import evaluate, evaluation_items, open_dataset
+    from .eval.report import (format_image_table, format_table, save_overlay_figure, write_csv,
+                              write_image_reports, write_json)
     cfg, meta, device, predict = _load_for_inference(args.checkpoint, extra, args.device)
     if device.type == "cuda":  # exact HD95/ASD on the GPU instead of scipy on the CPU
         from .eval import surface_gpu
         surface_gpu.install()
-    ds = SSL4MISDataset(cfg.data.root)
-    names = ds.volumes(args.split)
-    if args.max_volumes:
-        names = names[: args.max_volumes]
-    vols = [(n, *ds.read_volume(n)) for n in names]
-    res = evaluate_volumes(predict, vols, cfg.data.num_classes, img_size=tuple(cfg.data.img_size),
-                           batch_size=args.batch_size, device=device, mode=args.mode,
-                           save_dir=args.save_predictions)
+    items = evaluation_items(cfg, open_dataset(cfg), args.split, args.max_volumes or None)
+    res = evaluate(cfg, predict, items, device=device, batch_size=args.batch_size,
+                   mode=args.mode, save_dir=args.save_predictions)
     print(f"checkpoint {args.checkpoint} (iteration {meta['iteration']}), split {args.split}, "
-          f"{len(vols)} volumes, data {cfg.data.root}, metrics mode {args.mode}")
-    print(format_table(res))
+          f"{len(items)} {'images' if cfg.data.format == 'folder' else 'volumes'}, data "
+          f"{cfg.data.root}, metrics mode {args.mode}")
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", res)
-    write_csv(out / "metrics.csv", res)
-    print(f"wrote {out / 'metrics.json'} and {out / 'metrics.csv'}")
+    if isinstance(res, ImageEvaluation):
+        print(format_image_table(res))
+        js, cs = write_image_reports(out, res)
+    else:
+        print(format_table(res))
+        out.mkdir(parents=True, exist_ok=True)
+        js, cs = write_json(out / "metrics.json", res), write_csv(out / "metrics.csv", res)
+    print(f"wrote {js} and {cs}")
     if args.figure:
+        if cfg.data.format == "folder":
+            raise SystemExit("error: --figure draws slices of volumes; image folders have none")
         from .eval.inference import predict_volume
-        name, img, lab = vols[0]
+        name, img, lab = items[0][:3]
         pred = predict_volume(predict, img, img_size=tuple(cfg.data.img_size),
-                              batch_size=args.batch_size, device=device)
+                              batch_size=args.batch_size, device=device,
+                              in_channels=cfg.model.in_channels)
         save_overlay_figure(args.figure, img, lab, pred)
         print(f"wrote {args.figure} ({name})")
     return 0
@@ -130,8 +133,12 @@ def cmd_predict(args, extra) -> int:
         img = img[None]
     if img.ndim != 3:
         raise SystemExit(f"error: {src}: expected a 2D slice or a 3D volume, got shape {img.shape}")
-    pred = predict_volume(predict, img, img_size=tuple(cfg.data.img_size),
-                          batch_size=args.batch_size, device=device).cpu().numpy()
+    fn = predict
+    if cfg.loss.supervision == "sigmoid":  # binary runs segment with σ(P)[:, 1] > 0.5
+        from .eval.inference import binary_decision_logits
+        fn = lambda x: binary_decision_logits(predict(x))  # noqa: E731
+    pred = predict_volume(fn, img, img_size=tuple(cfg.data.img_size), batch_size=args.batch_size,
+                          device=device, in_channels=cfg.model.in_channels).cpu().numpy()
     out = Path(args.output)
     if out.name.endswith((".nii", ".nii.gz")) and nii is not None:
         import nibabel as nib  # same grid and orientation as the input volume
@@ -189,8 +196,7 @@ def cmd_demo(args, extra) -> int:
     """Train configs/demo.toml on the shared ACDC subset when present, else on synthetic data,
     then evaluate the best-on-validation checkpoint and print the per-class table."""
     from .config import load_config
-    from .data import SSL4MISDataset
-    from .eval import evaluate_volumes
+    from .eval.protocol import evaluate, evaluation_items, open_dataset
     from .eval.report import format_table
     from .train import Trainer
     real = REPO.parent / "shared" / "data" / "ACDC"
@@ -212,10 +218,8 @@ def cmd_demo(args, extra) -> int:
           f"{summary['best_iteration']}")
     cfg_, meta, device, predict = _load_for_inference(str(Path(cfg.train.out_dir) / "best.json"),
                                                       [], cfg.train.device)
-    ds = SSL4MISDataset(root)
-    vols = [(n, *ds.read_volume(n)) for n in ds.volumes("val")]
-    res = evaluate_volumes(predict, vols, cfg.data.num_classes, img_size=tuple(cfg.data.img_size),
-                           batch_size=cfg.train.val_batch_size, device=device)
+    vols = evaluation_items(cfg_, open_dataset(cfg_), "val")
+    res = evaluate(cfg_, predict, vols, device=device, batch_size=cfg.train.val_batch_size)
     print(f"demo: best checkpoint (iteration {meta['iteration']}) on {len(vols)} validation volumes "
           f"({which}):")
     print(format_table(res))

@@ -160,3 +160,33 @@ def save_overlay_figure(path: str | Path, image_DHW: np.ndarray | torch.Tensor,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return picks
+
+
+def format_image_table(result) -> str:
+    """Per-image protocol (image folders): mean Dice / Jaccard over images and the spread."""
+    d = np.asarray(result.dice_per_image, dtype=np.float64)
+    j = np.asarray(result.jaccard_per_image, dtype=np.float64)
+    lines = [f"per-image protocol: {len(d)} images",
+             f"Dice %     mean {100 * d.mean():6.2f}  median {100 * np.median(d):6.2f}  "
+             f"min {100 * d.min():6.2f}",
+             f"Jaccard %  mean {100 * j.mean():6.2f}  median {100 * np.median(j):6.2f}  "
+             f"min {100 * j.min():6.2f}"]
+    return "\n".join(lines)
+
+
+def write_image_reports(directory: str | Path, result) -> tuple[Path, Path]:
+    """metrics.json (means + per image) and metrics.csv (one row per image)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    js = d / "metrics.json"
+    js.write_text(json.dumps({"dice": result.dice, "jaccard": result.jaccard,
+                              "images": {n: {"dice": a, "jaccard": b} for n, a, b in zip(
+                                  result.names, result.dice_per_image,
+                                  result.jaccard_per_image)}}, indent=1))
+    cs = d / "metrics.csv"
+    with open(cs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "dice", "jaccard"])
+        for row in zip(result.names, result.dice_per_image, result.jaccard_per_image):
+            w.writerow(row)
+    return js, cs

@@ -25,10 +25,8 @@ import numpy as np
 import torch
 
 from ..config import Config, config_from_dict, diff_configs
-from ..data import SSL4MISDataset
 from ..data.factory import build_train_stream
-from ..data.folders import FolderDataset
-from ..eval import evaluate_volumes
+from ..eval.protocol import evaluate, evaluation_items, mean_dice, open_dataset
 from ..models import build_ucseg_2d
 from .checkpoint import CheckpointError, join_state, load_checkpoint, save_checkpoint, split_state
 from .objective import UCSegObjective
@@ -81,17 +79,10 @@ class Trainer:
         self.stream = build_train_stream(dc, device=self.device, seed=tc.seed,
                                          rank=self.dist.rank, world_size=self.dist.world_size,
                                          channels=cfg.model.in_channels)
-        if dc.format == "folder":
-            self.dataset = FolderDataset(dc.root, num_classes=dc.num_classes,
-                                         mask_mode=dc.mask_mode)
-            if self.dataset.channels == 3 and cfg.model.in_channels != 3:
-                raise ValueError(f"{dc.root}: colour image folder, but model.in_channels = "
-                                 f"{cfg.model.in_channels}; set model.in_channels = 3")
-        elif dc.format == "nifti":
-            from ..data.nifti import NiftiDataset
-            self.dataset = NiftiDataset(dc.root, num_classes=dc.num_classes)
-        else:
-            self.dataset = SSL4MISDataset(dc.root, num_classes=dc.num_classes)
+        self.dataset = open_dataset(cfg)
+        if dc.format == "folder" and self.dataset.channels == 3 and cfg.model.in_channels != 3:
+            raise ValueError(f"{dc.root}: colour image folder, but model.in_channels = "
+                             f"{cfg.model.in_channels}; set model.in_channels = 3")
 
         self.model = build_model(cfg)
         self.model.to(self.device)
@@ -309,22 +300,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------
     def val_volumes(self):
         if self._val_volumes is None:
-            limit = self.cfg.train.max_val_volumes or None
-            if isinstance(self.dataset, FolderDataset):
-                # (name, image [C,H,W], label [H,W]) per image: the 2D-generic protocol
-                vols = []
-                for path in self.dataset.images("val")[:limit]:
-                    image_CHW, label_HW = self.dataset.read_pair(path)
-                    vols.append((path.stem, image_CHW, label_HW.astype("int64")))
-                if not vols:
-                    raise FileNotFoundError(f"{self.dataset.root / 'val' / 'image'}: no "
-                                            "validation images")
-                self._val_volumes = vols
-            elif self.cfg.data.format == "nifti":
-                self._val_volumes = self.dataset.val_volumes(limit)
-            else:
-                names = self.dataset.volumes("val")[:limit]
-                self._val_volumes = [(n, *self.dataset.read_volume(n)) for n in names]
+            self._val_volumes = evaluation_items(self.cfg, self.dataset, "val",
+                                                 self.cfg.train.max_val_volumes or None)
         return self._val_volumes
 
     def predict_fn(self):
@@ -336,33 +313,15 @@ class Trainer:
         return fn
 
     def validate(self) -> float:
-        """Mean validation Dice, the reference's protocols: image folders per image at img_size
-        (2D generic, METHOD.md §4), volumes slice-wise (classes 1..C-1, then volumes). With
-        loss.supervision = "sigmoid" the prediction is σ(P)[:, 1] > 0.5."""
-        binary = self.cfg.loss.supervision == "sigmoid"
+        """Mean validation Dice with the configuration's protocol (`eval.protocol`): volumes
+        slice-wise (classes 1..C-1, then volumes), image folders per image at img_size."""
         self.model.eval()
         try:
-            if self.cfg.data.format == "folder":
-                from ..eval.inference import evaluate_images
-                res_img = evaluate_images(self.predict_fn(), self.val_volumes(),
-                                          self.cfg.data.num_classes,
-                                          img_size=tuple(self.cfg.data.img_size),
-                                          batch_size=self.cfg.train.val_batch_size,
-                                          device=self.device, binary=binary,
-                                          in_channels=self.cfg.model.in_channels)
-                return res_img.dice
-            fn = self.predict_fn()
-            if binary:
-                from ..eval.inference import binary_decision_logits
-                fn = (lambda f: lambda x: binary_decision_logits(f(x)))(fn)
-            res = evaluate_volumes(fn, self.val_volumes(), self.cfg.data.num_classes,
-                                   img_size=tuple(self.cfg.data.img_size),
-                                   batch_size=self.cfg.train.val_batch_size,
-                                   device=self.device, dice_only=True,
-                                   in_channels=self.cfg.model.in_channels)
+            res = evaluate(self.cfg, self.predict_fn(), self.val_volumes(), device=self.device,
+                           batch_size=self.cfg.train.val_batch_size, dice_only=True)
         finally:
             self.model.train()
-        return float(res.mean()["dice"])
+        return mean_dice(res)
 
     # ----------------------------------------------------------------------------------
     def _rank_state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,0 +1,78 @@
+"""The evaluation protocol of a configuration: which data, which inference, which metrics.
+
+Training-time validation and `ucseg-fast eval` call the same two functions, so a checkpoint
+is scored the same way wherever it is scored:
+- SSL4MIS HDF5 and NIfTI volumes: slice-wise inference (METHOD.md §4, ACDC), per-class Dice
+  (validation) or Dice / Jaccard / HD95 / ASD (evaluation) over classes 1..C-1;
+- image folders: per-image inference at `img_size`, Dice / Jaccard per image (the 2D-generic
+  protocol), mean over images;
+- `loss.supervision = "sigmoid"`: the prediction is σ(P)[:, 1] > 0.5, otherwise argmax.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .inference import (EvaluationResult, ImageEvaluation, binary_decision_logits,
+                        evaluate_images, evaluate_volumes)
+
+PredictFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def open_dataset(cfg) -> Any:
+    """The dataset object of `cfg.data` (SSL4MIS, image folder or NIfTI)."""
+    dc = cfg.data
+    if dc.format == "folder":
+        from ..data.folders import FolderDataset
+        return FolderDataset(dc.root, num_classes=dc.num_classes, mask_mode=dc.mask_mode)
+    if dc.format == "nifti":
+        from ..data.nifti import NiftiDataset
+        return NiftiDataset(dc.root, num_classes=dc.num_classes)
+    from ..data.ssl4mis import SSL4MISDataset
+    return SSL4MISDataset(dc.root, num_classes=dc.num_classes)
+
+
+def evaluation_items(cfg, dataset: Any, split: str = "val",
+                     limit: int | None = None) -> list[tuple[Any, ...]]:
+    """`(name, image, label[, spacing])` items of `split`: volumes [D,H,W] (SSL4MIS, NIfTI) or
+    images [C,H,W] with labels [H,W] (folders). Image folders and NIfTI sets have one
+    held-out split (folders: `val/`; NIfTI: `imagesVal/`, else `imagesTs/`)."""
+    fmt = cfg.data.format
+    if fmt == "folder":
+        if split != "val":
+            raise ValueError(f"{dataset.root}: image folders have a 'val' split only, not {split!r}")
+        items = []
+        for path in dataset.images("val")[:limit]:
+            image_CHW, label_HW = dataset.read_pair(path)
+            items.append((path.stem, image_CHW, label_HW.astype("int64")))
+        if not items:
+            raise FileNotFoundError(f"{dataset.root / 'val' / 'image'}: no validation images")
+        return items
+    if fmt == "nifti":
+        return dataset.val_volumes(limit)
+    names = dataset.volumes(split)[:limit]
+    return [(n, *dataset.read_volume(n)) for n in names]
+
+
+def evaluate(cfg, predict_fn: PredictFn, items: list[tuple[Any, ...]], *,
+             device: torch.device, batch_size: int, dice_only: bool = False,
+             mode: str = "medpy", save_dir: str | None = None
+             ) -> EvaluationResult | ImageEvaluation:
+    """Score `items` with the protocol of `cfg` (see the module docstring)."""
+    binary = cfg.loss.supervision == "sigmoid"
+    img_size = tuple(cfg.data.img_size)
+    if cfg.data.format == "folder":
+        return evaluate_images(predict_fn, items, cfg.data.num_classes, img_size=img_size,
+                               batch_size=batch_size, device=device, binary=binary,
+                               in_channels=cfg.model.in_channels)
+    fn = predict_fn
+    if binary:
+        fn = (lambda f: lambda x: binary_decision_logits(f(x)))(predict_fn)
+    return evaluate_volumes(fn, items, cfg.data.num_classes, img_size=img_size,
+                            batch_size=batch_size, device=device, dice_only=dice_only,
+                            mode=mode, save_dir=save_dir, in_channels=cfg.model.in_channels)
+
+
+def mean_dice(result: EvaluationResult | ImageEvaluation) -> float:
+    return float(result.mean()["dice"])
