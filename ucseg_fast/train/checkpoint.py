@@ -59,7 +59,7 @@ def split_state(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> An
     """Move every tensor of a nested dict/list into `tensors` (key = dotted path) and
     return the JSON-able remainder with {"__tensor__": key} placeholders."""
     if isinstance(state, torch.Tensor):
-        tensors[prefix] = state.detach().cpu().contiguous()
+        tensors[prefix] = state.detach().cpu().contiguous()  # sync-ok: checkpoint time
         return {"__tensor__": prefix}
     if isinstance(state, dict):
         return {str(k): split_state(v, f"{prefix}.{k}", tensors) for k, v in state.items()}
@@ -86,7 +86,8 @@ def save_checkpoint(directory: str | Path, tag: str, tensors: dict[str, torch.Te
     d.mkdir(parents=True, exist_ok=True)
     st, js = d / f"{tag}.safetensors", d / f"{tag}.json"
     st_tmp, js_tmp = d / f".{tag}.safetensors.tmp", d / f".{tag}.json.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(st_tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},  # sync-ok: checkpoint
+              str(st_tmp))
     sidecar = dict(meta, format=FORMAT, version=VERSION, tensors_file=st.name,
                    tensors_sha256=_sha256(st_tmp))
     js_tmp.write_text(json.dumps(sidecar, indent=1, sort_keys=True))

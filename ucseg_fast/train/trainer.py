@@ -331,7 +331,7 @@ class Trainer:
         on the CPU (they travel to rank 0 by pickle)."""
         tensors: dict[str, torch.Tensor] = {}
         for k, v in self.objective.state_dict().items():
-            tensors[f"{prefix}objective.{k}"] = v.detach().cpu().contiguous()
+            tensors[f"{prefix}objective.{k}"] = v.detach().cpu().contiguous()  # sync-ok: checkpoint
         rng = {"cpu": torch.get_rng_state(), "mix": self.mix_generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -470,7 +470,7 @@ def _py_state_back(s):
 
 
 def _np_state(s):
-    return [s[0], s[1].tolist(), s[2], s[3], s[4]]
+    return [s[0], s[1].tolist(), s[2], s[3], s[4]]  # sync-ok: numpy RNG state, host only
 
 
 def _np_state_back(s):
