@@ -1,6 +1,6 @@
 """Loss primitives of UC-Seg, reproducing the reference code (METHOD.md §2.1, §6.5).
 
-Every function here is a pure PyTorch expression of device tensors: no `.item()`, no
+Every function here is a pure PyTorch expression of device tensors: no `Tensor.item` call, no
 host-side branch on tensor values, so the whole step can run eagerly, under `torch.compile`
 or inside a captured CUDA graph. Per-step scalars (the AU factor λ_t) arrive as 0-D device
 tensors (see `ucseg_fast.train.schedules.ScheduleTensors`).
@@ -146,7 +146,7 @@ def diff_loss(prob_a: torch.Tensor, prob_b: torch.Tensor) -> torch.Tensor:
     """The reference's gradient-free cross-subnet BCE (`utils/losses.loss_diff1/2`).
 
     `nn.BCELoss()(clamp(prob_a[:, C−1], 1e-8, 1−1e-7), prob_b[:, C−1])`: the reference loops
-    over channels but overwrites, so only the last channel counts, and returns `.item()`, so
+    over channels but overwrites, so only the last channel counts, and returns `Tensor.item` (a float), so
     the term carries no gradient. Here it is a DETACHED 0-D tensor (no host sync) to add to
     the total exactly like the reference's Python float. loss_diff1 = diff_loss(p1, p2),
     loss_diff2 = diff_loss(p2, p1). Written out (not `F.binary_cross_entropy`) because that

@@ -7,7 +7,7 @@ Why the step can be captured whole:
 * every per-step scalar (lr, w(t), λ_t, thr(t), τ) is a 0-D device tensor written in place
   (`ScheduleTensors.update`) before the step, so a replay reads the new values;
 * SGD reads the lr tensor (`foreach_sgd_step`): torch's foreach SGD turns a Tensor lr into a
-  Python scalar with `.item()` outside `torch.compile` (a host sync, and a value a graph would
+  Python scalar with `Tensor.item` outside `torch.compile` (a host sync, and a value a graph would
   freeze), so the momentum update is written here with `torch._foreach_*` ops on the state of a
   plain `torch.optim.SGD` (same state layout, so checkpoints are unchanged);
 * the batch is copied (`copy_`) into static buffers; the phase-2 copy-paste box and branch are
