@@ -92,3 +92,19 @@ def test_factory_torch_folder_stream(png_root):
     idx, _ = next(s2.sampler)
     assert torch.equal(b.x_l[:, 0], x[torch.from_numpy(idx), 0]) and torch.equal(b.y_l, y[torch.from_numpy(idx)].long())
     assert lab["position"] == 1
+
+
+def test_auto_mask_with_a_stray_value_is_an_error_not_an_empty_label(tmp_path):
+    from PIL import Image
+    from ucseg_fast.data.folders import decode_mask
+    from ucseg_fast.data.ssl4mis import DataError
+    arr = np.zeros((8, 8), np.uint8)
+    arr[2:6, 2:6] = 1
+    arr[0, 0] = 2  # a 0/1 class-id mask with one stray value
+    p = tmp_path / "m.png"
+    Image.fromarray(arr).save(p)
+    with pytest.raises(DataError, match="m.png"):
+        decode_mask(p, num_classes=2)
+    arr255 = (arr == 1).astype(np.uint8) * 255  # a real 0/255 mask is still binary
+    Image.fromarray(arr255).save(p)
+    assert int(decode_mask(p, num_classes=2).sum()) == 16

@@ -39,3 +39,21 @@ def test_gradients_with_transposed_spatial_layout():
      + 2 * R.pseudo_label_loss(zb2, pl.labels, pl.mask, dice_weight=1.0)).backward()
     torch.testing.assert_close(za.grad, za2.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(zb.grad, zb2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_strided_label_and_mask_views():
+    # labels / masks passed as views (a channel of a bigger tensor) must be read correctly
+    from ucseg_fast.ops import segmentation_loss_terms
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 4, 5, 6, generator=g)
+    yy = torch.randint(0, 4, (3, 2, 5, 6), generator=g)
+    mm = torch.rand(3, 2, 5, 6, generator=g) > 0.4
+    lab, m = yy[:, 0], mm[:, 1]
+    assert not lab.is_contiguous() and not m.is_contiguous()
+    torch.testing.assert_close(pseudo_label_loss(z, lab, m, dice_weight=1.0),
+                               R.pseudo_label_loss(z, lab.contiguous(), m.contiguous(),
+                                                   dice_weight=1.0), rtol=1e-5, atol=1e-6)
+    ours = segmentation_loss_terms(z, lab)
+    ref = R.segmentation_loss_terms(z, lab.contiguous())
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-6)

@@ -100,7 +100,11 @@ def decode_mask(path: str | os.PathLike[str], *, num_classes: int, mask_mode: st
     hi = int(arr.max(initial=0))
     mode = mask_mode
     if mode == "auto":
-        mode = "index" if hi < num_classes else ("binary" if num_classes == 2 else "index")
+        # Binary only for 8-bit gray masks (a bright foreground, hi > 127; JPEG noise is fine):
+        # a class-id mask with a stray value (e.g. a 2 in a 0/1 mask) must fail loudly, not be
+        # thresholded at 127 into an empty label.
+        mode = "index" if hi < num_classes else (
+            "binary" if num_classes == 2 and hi > 127 else "index")
     if mode == "binary":
         if hi > 255:
             raise DataError(f"{path}: binary mask value {hi} > 255")

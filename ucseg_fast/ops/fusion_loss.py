@@ -361,7 +361,7 @@ def _targets(z: torch.Tensor, target: torch.Tensor):
         t = target.view(torch.uint8) if target.dtype == torch.bool else target
         t, *strides = _rd_layout(t)
         return None, t, tuple(strides), True
-    lab = target.reshape(z.shape[0], -1)  # a copy only when strided
+    lab = target.reshape(z.shape[0], -1).contiguous()  # the kernel reads dense [B, S]
     return lab, None, (0, 0, 0, 0), False
 
 

@@ -292,10 +292,11 @@ def _cps_bwd_kernel(g_ptr, za_ptr, zb_ptr, label_ptr, mask_ptr, coef_ptr, dza_pt
 # --------------------------------------------------------------------------- launchers
 def _flat_targets(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None):
     B, S = logits.shape[0], spatial_size(logits)
-    lab = labels.reshape(B, S)  # a copy only when strided
+    # the kernels index labels / mask as dense [B, S]: a strided view (e.g. y[:, 0]) is copied
+    lab = labels.reshape(B, S).contiguous()
     if mask is None:
         return lab, lab, False  # the mask pointer is unused when HAS_MASK is False
-    return lab, mask.reshape(B, S).view(torch.uint8), True
+    return lab, mask.reshape(B, S).contiguous().view(torch.uint8), True
 
 
 def _coef_shape(logits: torch.Tensor) -> tuple[int, int]:

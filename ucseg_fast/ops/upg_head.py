@@ -590,7 +590,14 @@ def _fusion_head_op(z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, gamma: Tensor
     else:
         mean, var = mean_in.to(acc).clone(), var_in.to(acc).clone()
         vec = _affine_vec(mean, var, gamma, beta, eps)
-    return run.emit(vec), mean, var
+    return _like(run.emit(vec), z1), mean, var
+
+
+def _like(out: Tensor, ref: Tensor) -> Tensor:
+    """`out` with the strides of `empty_like(ref)`, which the fake kernels promise: the
+    runner works on dense copies when `ref`'s spatial dims do not collapse."""
+    want = torch.empty_like(ref, dtype=out.dtype)
+    return out if out.stride() == want.stride() else want.copy_(out)
 
 
 @_fusion_head_op.register_fake
@@ -615,7 +622,7 @@ def _fusion_head_bwd_op(dP: Tensor, z1: Tensor, z2: Tensor, A: Tensor, wt: Tenso
             vec[k - 1, 5] = s[1] / n
     dz1, dz2, dA, part, dw = run.backward(vec, dP, 1, final=True, training=training)
     sums = part.sum(0)
-    return (dz1, dz2, dA, dw.sum(0).to(wt.dtype), sums[:, 1].to(gamma.dtype).contiguous(),
+    return (_like(dz1, z1), _like(dz2, z2), _like(dA, A), dw.sum(0).to(wt.dtype), sums[:, 1].to(gamma.dtype).contiguous(),
             sums[:, 0].to(beta.dtype).contiguous())
 
 
