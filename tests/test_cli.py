@@ -32,7 +32,8 @@ def trained(synthetic, tmp_path_factory):
 
 
 def test_train_writes_checkpoints_and_log(trained):
-    assert (trained / "best.json").exists() and (trained / "last.safetensors").exists()
+    meta = json.loads((trained / "last.json").read_text())
+    assert (trained / "best.json").exists() and (trained / meta["tensors_file"]).exists()
     recs = [json.loads(l) for l in open(trained / "metrics.jsonl")]
     assert [r["iteration"] for r in recs if "L" in r] == [1, 2, 3]
     assert any("val_dice" in r for r in recs)

@@ -57,3 +57,10 @@ def test_throughput_fields():
     assert f["step_ms"] == pytest.approx(200.0) and f["data_wait_ms"] == pytest.approx(50.0)
     assert f["img_per_s_per_w"] == pytest.approx(0.3) and f["gpu_util"] == 90.0
     assert "img_per_s_per_w" not in throughput_fields(1, 2, 1.0, 0.0, {})
+
+
+def test_cuda_index_maps_to_the_nvml_device_of_cuda_visible_devices():
+    from ucseg_fast.telemetry import physical_index
+    assert physical_index(0, "") == 0 and physical_index(1, "") == 1
+    assert physical_index(0, "2,3") == 2 and physical_index(1, "2,3") == 3
+    assert physical_index(0, "GPU-abc,GPU-def") == "GPU-abc"

@@ -56,7 +56,7 @@ def test_resume_rejects_other_config(acdc_root, tmp_path):
     # so editing it stands in for a checkpoint written by 2 processes)
     meta = json.loads((tmp_path / "last.json").read_text())
     assert meta["world_size"] == 1 and meta["ranks"] == {}
-    (tmp_path / "w2.safetensors").write_bytes((tmp_path / "last.safetensors").read_bytes())
+    (tmp_path / "w2.safetensors").write_bytes((tmp_path / meta["tensors_file"]).read_bytes())
     (tmp_path / "w2.json").write_text(json.dumps(dict(meta, world_size=2,
                                                       tensors_file="w2.safetensors")))
     with pytest.raises(CheckpointError, match="world size 2 but this run has world size 1"):
@@ -74,9 +74,14 @@ def test_checkpoint_pair_is_verified(tmp_path):
     tensors, meta = load_checkpoint(js)
     assert torch.equal(tensors["w"], t["w"]) and meta["iteration"] == 3
     assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+    # a second save supersedes the first; the first tensor file is gone, one file per tag
+    js = save_checkpoint(tmp_path, "x", {"w": t["w"] + 1}, {"iteration": 4})
+    assert len(list(tmp_path.glob("x.*.safetensors"))) == 1
+    assert load_checkpoint(js)[1]["iteration"] == 4
     # a tensor file from another save under the same name is detected by its hash
-    save_checkpoint(tmp_path / "other", "x", {"w": torch.zeros(2, 3)}, {"iteration": 9})
-    (tmp_path / "x.safetensors").write_bytes((tmp_path / "other" / "x.safetensors").read_bytes())
+    st = tmp_path / json.loads(js.read_text())["tensors_file"]
+    other = save_checkpoint(tmp_path / "other", "x", {"w": torch.zeros(2, 3)}, {"iteration": 9})
+    st.write_bytes((other.parent / json.loads(other.read_text())["tensors_file"]).read_bytes())
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(js)
     (tmp_path / "x.json").write_text("{broken")
@@ -84,6 +89,26 @@ def test_checkpoint_pair_is_verified(tmp_path):
         load_checkpoint(js)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.json")
+
+
+def test_crash_before_commit_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from ucseg_fast.train import checkpoint as ck
+    js = save_checkpoint(tmp_path, "last", {"w": torch.ones(3)}, {"iteration": 1})
+    real = ck._fsync_replace
+    calls = []
+
+    def crash_on_commit(src, dst):
+        calls.append(dst)
+        if dst.suffix == ".json":
+            raise OSError("simulated crash before the sidecar rename")
+        return real(src, dst)
+
+    monkeypatch.setattr(ck, "_fsync_replace", crash_on_commit)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(tmp_path, "last", {"w": torch.zeros(3)}, {"iteration": 2})
+    monkeypatch.undo()
+    tensors, meta = load_checkpoint(js)  # still the previous, complete checkpoint
+    assert meta["iteration"] == 1 and torch.equal(tensors["w"], torch.ones(3))
 
 
 def test_training_logs_and_best_checkpoint(acdc_root, tmp_path):
@@ -103,3 +128,23 @@ def test_training_logs_and_best_checkpoint(acdc_root, tmp_path):
     _, meta = load_checkpoint(tmp_path / "best.json")
     assert meta["iteration"] == summary["best_iteration"]
     assert 0.0 <= summary["best_val_dice"] <= 1.0
+
+
+def test_resume_rejects_changed_schedule(acdc_root, tmp_path):
+    a = Trainer(tiny_cfg(acdc_root, tmp_path, **{"train.max_iterations": "1"}), log=lambda s: None)
+    a.train()
+    other = Trainer(tiny_cfg(acdc_root, tmp_path / "o", **{"train.max_iterations": "9"}),
+                    log=lambda s: None)
+    with pytest.raises(CheckpointError, match="train.max_iterations"):
+        other.load(tmp_path / "last.json")
+
+
+def test_log_window_spanning_the_phase_switch_averages_each_term_over_its_steps(acdc_root,
+                                                                                tmp_path):
+    cfg = tiny_cfg(acdc_root, tmp_path, **{"train.max_iterations": "4", "train.log_every": "4",
+                                           "loss.phase2_start": "3"})
+    Trainer(cfg, log=lambda s: None).train()
+    rec = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"L"' in l][-1]
+    # mix1 exists only at step t=3: its logged value is that step's value, not a quarter of it
+    # (the mixed CE + Dice of 4 classes is far above 0.25 * its own value at any init)
+    assert rec["mix1"] > 1.0

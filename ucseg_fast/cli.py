@@ -95,9 +95,12 @@ def cmd_eval(args, extra) -> int:
     if args.figure:
         if cfg.data.format == "folder":
             raise SystemExit("error: --figure draws slices of volumes; image folders have none")
-        from .eval.inference import predict_volume
+        from .eval.inference import binary_decision_logits, predict_volume
         name, img, lab = items[0][:3]
-        pred = predict_volume(predict, img, img_size=tuple(cfg.data.img_size),
+        fn = predict
+        if cfg.loss.supervision == "sigmoid":  # the metrics' rule: σ(P)[:, 1] > 0.5
+            fn = lambda x: binary_decision_logits(predict(x))  # noqa: E731
+        pred = predict_volume(fn, img, img_size=tuple(cfg.data.img_size),
                               batch_size=args.batch_size, device=device,
                               in_channels=cfg.model.in_channels)
         save_overlay_figure(args.figure, img, lab, pred)

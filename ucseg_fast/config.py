@@ -293,12 +293,16 @@ def config_from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config
     return _build(data, source)
 
 
-def diff_configs(a: Config, b: Config, sections=("data", "model", "loss")) -> list[str]:
-    """Keys (section.key) whose values differ between a and b in the given sections."""
+def diff_configs(a: Config, b: Config, sections=("data", "model", "loss"),
+                 keys: tuple[str, ...] | None = None) -> list[str]:
+    """Keys (section.key) whose values differ between a and b in the given sections
+    (only `keys` of them when given)."""
     out = []
     da, db = a.to_dict(), b.to_dict()
     for s in sections:
         for k in da[s]:
+            if keys is not None and k not in keys:
+                continue
             if da[s][k] != db[s][k]:
                 out.append(f"{s}.{k}: {da[s][k]!r} != {db[s][k]!r}")
     return out

@@ -8,10 +8,33 @@ never synchronises or slows the training step. Without nvidia-ml-py, a driver or
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
 __all__ = ["GpuSampler", "throughput_fields"]
+
+
+def physical_index(cuda_index: int, visible: str | None = None) -> int | str:
+    """NVML numbers GPUs in physical order, CUDA after CUDA_VISIBLE_DEVICES: map the CUDA
+    index to the NVML one (an int), or to the UUID / PCI id string the variable names."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if not visible:
+        return cuda_index
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if cuda_index >= len(entries):
+        return cuda_index
+    e = entries[cuda_index]
+    return int(e) if e.isdigit() else e
+
+
+def _nvml_handle(pynvml: Any, cuda_index: int) -> Any:
+    ident = physical_index(cuda_index)
+    if isinstance(ident, int):
+        return pynvml.nvmlDeviceGetHandleByIndex(ident)
+    if ident.startswith(("GPU-", "MIG-")):
+        return pynvml.nvmlDeviceGetHandleByUUID(ident)
+    return pynvml.nvmlDeviceGetHandleByPciBusId(ident)
 
 
 class GpuSampler:
@@ -30,7 +53,7 @@ class GpuSampler:
         try:
             import pynvml  # nvidia-ml-py
             pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(device_index))
+            self._handle = _nvml_handle(pynvml, int(device_index))
             self._nvml = pynvml
         except Exception:  # no package, no driver, no such device: telemetry is optional
             self._nvml = self._handle = None

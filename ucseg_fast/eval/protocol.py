@@ -50,6 +50,9 @@ def evaluation_items(cfg, dataset: Any, split: str = "val",
             raise FileNotFoundError(f"{dataset.root / 'val' / 'image'}: no validation images")
         return items
     if fmt == "nifti":
+        if split != "val":
+            raise ValueError(f"{dataset.root}: NIfTI sets have one held-out split ('val': "
+                             f"imagesVal/, else imagesTs/), not {split!r}")
         return dataset.val_volumes(limit)
     names = dataset.volumes(split)[:limit]
     return [(n, *dataset.read_volume(n)) for n in names]

@@ -1,11 +1,12 @@
 """Checkpoints: safetensors for every tensor + a JSON sidecar for everything else.
 
-`<dir>/<tag>.safetensors` holds model, objective (CCP queues), optimizer and RNG tensors;
-`<dir>/<tag>.json` holds the config, the iteration, sampler positions and metrics, plus the
-SHA-256 of the tensor file so a half-written or mismatched pair is detected. Both files are
-written to a temporary name, flushed and fsync'ed, then renamed: a crash never leaves a
-truncated checkpoint under the real name, and the previous one stays intact until the new
-one is complete.
+`<dir>/<tag>.json` (the sidecar) holds the config, the iteration, sampler positions and
+metrics, the name of its tensor file `<dir>/<tag>.<id>.safetensors` (model, objective / CCP
+queues, optimizer and RNG tensors) and that file's SHA-256, so a half-written or mismatched
+pair is detected. Every save writes a tensor file under a NEW name (temp + fsync + rename),
+then replaces the sidecar (temp + fsync + rename): that rename is the only commit point.
+A crash at any moment leaves the previous sidecar pointing at the previous, untouched tensor
+file; the superseded tensor file is deleted only after the new sidecar is in place.
 
 Multi-process runs (`Trainer.state_tensors`): replicated state (model, optimizer) appears once;
 rank-local state (CCP queues/pointers, RNG states, data-stream position) of rank 0 under the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 import os
 from pathlib import Path
 from typing import Any
@@ -81,28 +83,31 @@ def join_state(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_checkpoint(directory: str | Path, tag: str, tensors: dict[str, torch.Tensor],
                     meta: dict[str, Any]) -> Path:
-    """Write `<tag>.safetensors` and `<tag>.json` atomically; returns the JSON path."""
+    """Write `<tag>.<id>.safetensors` then commit `<tag>.json` atomically; returns the JSON
+    path. The previous checkpoint of the same tag stays loadable until the commit."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    st, js = d / f"{tag}.safetensors", d / f"{tag}.json"
-    st_tmp, js_tmp = d / f".{tag}.safetensors.tmp", d / f".{tag}.json.tmp"
+    js = d / f"{tag}.json"
+    st = d / f"{tag}.{uuid.uuid4().hex[:12]}.safetensors"
+    st_tmp, js_tmp = d / f".{st.name}.tmp", d / f".{tag}.json.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},  # sync-ok: checkpoint
               str(st_tmp))
     sidecar = dict(meta, format=FORMAT, version=VERSION, tensors_file=st.name,
                    tensors_sha256=_sha256(st_tmp))
     js_tmp.write_text(json.dumps(sidecar, indent=1, sort_keys=True))
-    # Tensor file first: a crash between the two renames leaves a new tensor file with an
-    # old sidecar, which load_checkpoint rejects by hash rather than loading a mixture.
-    _fsync_replace(st_tmp, st)
-    _fsync_replace(js_tmp, js)
+    _fsync_replace(st_tmp, st)   # a new name: nothing the old sidecar refers to is touched
+    _fsync_replace(js_tmp, js)   # the commit point
+    for old in d.glob(f"{tag}.*.safetensors"):  # superseded (or orphaned by a crash)
+        if old.name != st.name:
+            old.unlink(missing_ok=True)
     return js
 
 
 def resolve(path: str | Path) -> Path:
     """Accept the sidecar, the tensor file or the stem; return the sidecar path."""
     p = Path(path)
-    if p.suffix == ".safetensors":
-        p = p.with_suffix(".json")
+    if p.suffix == ".safetensors":  # <tag>.<id>.safetensors -> <tag>.json
+        p = p.with_name(p.name.split(".")[0] + ".json")
     elif p.suffix != ".json":
         p = p.with_name(p.name + ".json")
     if not p.is_file():

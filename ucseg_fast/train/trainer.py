@@ -60,6 +60,10 @@ class Trainer:
         self.dist: DistInfo = init_from_env(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.device.type == "cuda":
+            # the current device is what graph capture, the default generator and NCCL use
+            self.device = torch.device("cuda", self.device.index or 0)
+            torch.cuda.set_device(self.device)
         seed_everything(tc.seed)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -196,6 +200,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         acc: dict[str, torch.Tensor] = {}
+        n_key: dict[str, int] = {}
         n_acc = 0
         data_wait = 0.0
         bar = None
@@ -219,6 +224,7 @@ class Trainer:
                 f.write(json.dumps(rec0) + "\n")
         train_s = float(self.history[-1].get("train_s", 0.0)) if self.history else 0.0
         t_last, it_last = time.perf_counter(), self.iteration
+        win_s = 0.0  # training seconds of the current log window (bookkeeping excluded)
         try:
             while self.iteration < stop:
                 t = self.iteration
@@ -228,6 +234,7 @@ class Trainer:
                 terms = self.step(batch, t)
                 for k, v in terms.items():
                     acc[k] = acc[k] + v.float() if k in acc else v.float().clone()
+                    n_key[k] = n_key.get(k, 0) + 1  # phase-2 terms exist only in phase 2
                 n_acc += 1
                 self.iteration = t + 1
                 if bar is not None:
@@ -242,17 +249,18 @@ class Trainer:
                         halt = True
                 if self.iteration % tc.log_every == 0 or halt or done:
                     keys = sorted(acc)
-                    vals_t = all_reduce_mean(torch.stack([acc[k] for k in keys]) / n_acc,
+                    vals_t = all_reduce_mean(torch.stack([acc[k] / n_key[k] for k in keys]),
                                              self.dist)
                     vals = vals_t.tolist()  # sync-ok: log time
                     now = time.perf_counter()
                     train_s += now - t_last
+                    win_s += now - t_last
                     rec = {"iteration": self.iteration,
                            "lr": self.scalars.values(self.iteration - 1)["lr"],
                            **throughput_fields(self.iteration - it_last,
                                                (self.cfg.data.labeled_bs +
                                                 self.cfg.data.unlabeled_bs) * self.dist.world_size,
-                                               now - t_last, data_wait, gpu.window()),
+                                               win_s, data_wait, gpu.window()),
                            **dict(zip(keys, vals))}
                     if main:
                         with open(log_path, "a") as f:
@@ -263,15 +271,19 @@ class Trainer:
                         if "gpu_util" in rec:
                             post["gpu"] = f"{rec['gpu_util']:.0f}%"
                         bar.set_postfix(post, refresh=False)
-                    acc, n_acc, data_wait = {}, 0, 0.0
-                    t_last, it_last = now, self.iteration
+                    acc, n_key, n_acc, data_wait = {}, {}, 0, 0.0
+                    t_last, it_last, win_s = now, self.iteration, 0.0
                 val_now = (self.iteration % tc.val_every == 0 or done or
                            (halt and time_budget_s is not None))
                 improved = False
+                if val_now or self.iteration % tc.checkpoint_every == 0:
+                    if self.device.type == "cuda":  # sync-ok: before validation / saving anyway
+                        torch.cuda.synchronize(self.device)
+                t_book = time.perf_counter()
                 if main and val_now:
                     dice = self.validate()
                     rec = {"iteration": self.iteration, "val_dice": dice,
-                           "train_s": train_s + time.perf_counter() - t_last}
+                           "train_s": train_s + t_book - t_last}
                     self.history.append(rec)
                     with open(log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
@@ -285,8 +297,12 @@ class Trainer:
                     self.save("best")
                 if self.iteration % tc.checkpoint_every == 0 or halt:
                     self.save("last")
-                if self.iteration % tc.val_every == 0 or self.iteration % tc.checkpoint_every == 0:
-                    t_last = time.perf_counter()  # keep validation / saving out of step_ms
+                if val_now or self.iteration % tc.checkpoint_every == 0:
+                    # keep validation / saving out of step_ms and train_s: credit the steps
+                    # since the last log up to the start of this bookkeeping, then restart
+                    train_s += t_book - t_last
+                    win_s += t_book - t_last
+                    t_last = time.perf_counter()
                 if halt:
                     break
         finally:
@@ -385,7 +401,10 @@ class Trainer:
         rank-local state, so the world size must be the one the checkpoint was saved with."""
         tensors, meta = load_checkpoint(path)
         saved = config_from_dict(meta["config"], source=f"{path} (saved config)")
-        diffs = diff_configs(saved, self.cfg)
+        diffs = diff_configs(saved, self.cfg) + diff_configs(
+            saved, self.cfg, sections=("train",),
+            keys=("max_iterations", "base_lr", "momentum", "weight_decay", "seed", "optimizer",
+                  "amp", "channels_last"))
         if diffs and strict_config:
             raise CheckpointError(f"{path}: checkpoint was trained with a different config: "
                                   + "; ".join(diffs))
