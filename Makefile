@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "$(TORCH)" "$(TRITON)"
-	$(VPY) -m pip install -q -e ".[test,triton,nifti,plot,telemetry]"
+	$(VPY) -m pip install -q -e ".[test,triton,nifti,plot,telemetry,dali]"
 	$(VPY) -m pip install -q --no-deps "medpy>=0.5"
 	touch $(STAMP)
 
