@@ -360,3 +360,19 @@ def test_batch_pin_and_move():
     assert b.x_l.is_pinned()
     c = b.to("cuda")
     assert c.y_l.is_cuda and c.y_l.dtype == torch.int64
+
+
+def test_non_finite_image_is_an_error_naming_the_file(tmp_path):
+    import h5py
+    import numpy as np
+    from ucseg_fast.data.ssl4mis import DataError, SSL4MISDataset
+    (tmp_path / "data" / "slices").mkdir(parents=True)
+    img = np.zeros((8, 8), np.float32)
+    img[3, 3] = np.nan
+    with h5py.File(tmp_path / "data" / "slices" / "patient001_frame01_slice_1.h5", "w") as f:
+        f["image"] = img
+        f["label"] = np.zeros((8, 8), np.uint8)
+    (tmp_path / "train_slices.list").write_text("patient001_frame01_slice_1\n")
+    ds = SSL4MISDataset(tmp_path, check_files=False)
+    with pytest.raises(DataError, match="patient001_frame01_slice_1.h5.*NaN"):
+        ds.read_slice("patient001_frame01_slice_1")

@@ -51,7 +51,8 @@ def _open(path: str | os.PathLike[str]):
     try:
         img = Image.open(path)
         img.load()  # decode now, so a truncated file fails here with its name
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
     return img
 

@@ -107,7 +107,9 @@ class ManifestStream:
             raw = self._fh.readline()
             if not raw:
                 return None
-            text = raw.decode("utf-8").strip()
+            # a non-UTF-8 name is kept (surrogate-escaped) and then fails as a file, counted
+            # and logged with its name like any unreadable entry, instead of crashing the stream
+            text = raw.decode("utf-8", errors="surrogateescape").strip()
             if text and not text.startswith("#"):
                 return text
 

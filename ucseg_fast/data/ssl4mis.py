@@ -203,6 +203,8 @@ class SSL4MISDataset:
             raise DataError(f"{path}: 'image' shape {image.shape} != 'label' shape {label.shape}")
         if not (np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.integer)):
             raise DataError(f"{path}: 'image' has non-numeric dtype {image.dtype}")
+        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+            raise DataError(f"{path}: 'image' holds NaN or infinite values")
         if not np.issubdtype(label.dtype, np.integer):
             if not np.issubdtype(label.dtype, np.floating) or not np.array_equal(label, np.round(label)):
                 raise DataError(f"{path}: 'label' must hold integer class ids, got dtype {label.dtype}")

@@ -57,6 +57,9 @@ def foreach_sgd_step(optimizer: torch.optim.SGD, lr: Tensor) -> None:
     No host sync and no value-dependent Python: the only branch is whether the buffers exist
     yet (true after the first step, i.e. always inside a captured graph)."""
     for group in optimizer.param_groups:
+        if group.get("dampening", 0) or group.get("nesterov") or group.get("maximize"):
+            raise ValueError("foreach_sgd_step implements SGD with dampening 0, no Nesterov and "
+                             "no maximize (the reference recipe); this param group sets one")
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             continue
