@@ -139,3 +139,23 @@ def test_nifti_trains_from_cli(nifti_root, tmp_path):
     assert [r["iteration"] for r in recs if "L" in r] == [1, 2]
     vals = [r for r in recs if "val_dice" in r]
     assert [r["iteration"] for r in vals] == [0, 2] and all(0 <= r["val_dice"] <= 1 for r in vals)
+
+
+def test_case_names_keep_numeric_suffixes_and_skip_extra_channels(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from ucseg_fast.data.nifti import NiftiDataset
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    img = nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4))
+    lab = nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4))
+    for case in ("pat_0001", "pat_0002"):          # numbered cases, one channel each
+        nib.save(img, str(tmp_path / "imagesTr" / f"{case}.nii.gz"))
+        nib.save(lab, str(tmp_path / "labelsTr" / f"{case}.nii.gz"))
+    for ch in ("0000", "0001"):                     # a two-channel nnU-Net case
+        nib.save(img, str(tmp_path / "imagesTr" / f"mm_{ch}.nii.gz"))
+    nib.save(lab, str(tmp_path / "labelsTr" / "mm.nii.gz"))
+    ds = NiftiDataset(tmp_path, num_classes=2)
+    names = sorted(p.name for p, _ in ds.cases("train"))
+    assert names == ["mm_0000.nii.gz", "pat_0001.nii.gz", "pat_0002.nii.gz"]
+    assert all(l is not None for _, l in ds.cases("train"))

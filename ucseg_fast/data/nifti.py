@@ -40,9 +40,22 @@ def _case_name(path: Path) -> str:
         if name.endswith(suf):
             name = name[: -len(suf)]
             break
-    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+    if name.endswith("_0000"):  # only nnU-Net's first channel: `pat_0001` stays `pat_0001`
         name = name[:-5]
     return name
+
+
+def _extra_channel(path: Path) -> bool:
+    """`case_0001.nii.gz` beside a `case_0000.nii.gz`: a further nnU-Net input channel (the
+    model reads one channel, the first), not a case of its own."""
+    stem = path.name
+    for suf in NIFTI_SUFFIXES:
+        if stem.endswith(suf):
+            stem = stem[: -len(suf)]
+            break
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000":
+        return any((path.parent / f"{stem[:-5]}_0000{s}").is_file() for s in NIFTI_SUFFIXES)
+    return False
 
 
 def _is_nifti(path: Path) -> bool:
@@ -120,7 +133,8 @@ class NiftiDataset:
         assert self.root is not None
         out = []
         lab_dir = self.root / labels
-        for p in sorted(q for q in (self.root / images).iterdir() if _is_nifti(q)):
+        for p in sorted(q for q in (self.root / images).iterdir()
+                        if _is_nifti(q) and not _extra_channel(q)):
             case = _case_name(p)
             lab = None
             for cand in (lab_dir / p.name, *(lab_dir / f"{case}{s}" for s in NIFTI_SUFFIXES)):
