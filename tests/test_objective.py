@@ -1,6 +1,8 @@
 """The step objective in every pseudo-label mode, both phases, on a tiny real model."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -54,3 +56,65 @@ def test_closed_gate_leaves_queues_and_open_gate_fills_them():
     sched.thr.fill_(-1.0)  # always open
     obj(model, x, y, sched, False)
     assert not torch.equal(before["ccp.levels.0.queue1"], obj.state_dict()["ccp.levels.0.queue1"])
+
+
+# --- loss.fused_losses: the fused ops.fusion_loss path equals the PyTorch chain -------------
+_FUSED_CASES = [("softmax", True, "fusion"), ("softmax", False, "fusion"),
+                ("sigmoid", True, "fusion"), ("sigmoid", False, "fusion"),
+                ("softmax", True, "entropy")]
+
+
+def _one_step(model, obj, x, y, phase2):
+    """One objective forward + backward from a fixed RNG state (dropout, copy-paste draw)."""
+    torch.manual_seed(123)
+    L, terms = obj(model, x, y, obj._sched, phase2, generator=torch.Generator().manual_seed(7))
+    L.backward()
+    return terms, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("phase2", [False, True], ids=["phase1", "phase2"])
+@pytest.mark.parametrize("supervision,nms,mode", _FUSED_CASES,
+                         ids=[f"{s}-nms{int(n)}-{m}" for s, n, m in _FUSED_CASES])
+def test_fused_losses_match_the_pytorch_chain(supervision, nms, mode, phase2, monkeypatch):
+    from ucseg_fast.ops import fusion_loss
+
+    launches = []
+    real_launch = fusion_loss._launch_fwd
+    monkeypatch.setattr(fusion_loss, "_launch_fwd",
+                        lambda *a: launches.append(a[1] is not None) or real_launch(*a))
+    C = 2 if supervision == "sigmoid" else 4
+    torch.manual_seed(0)
+    model = build_ucseg_2d(num_classes=C, img_size=(32, 32)).train()
+    model_f = copy.deepcopy(model)
+    objs = []
+    for fused in (False, True):
+        torch.manual_seed(1)  # identical CCP queue initialisation
+        o = UCSegObjective(C, pseudo_mode=mode, nms=nms, queue_size=16, supervision=supervision,
+                           fused_losses=fused)
+        o._sched = ScheduleTensors("cpu", T=100)
+        o._sched.update(10)
+        o._sched.thr.fill_(-1.0)  # gate open: the queue update is part of the compared step
+        objs.append(o)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    y = torch.randint(0, C, (1, 32, 32), generator=g)
+    t_ref, g_ref = _one_step(model, objs[0], x, y, phase2)
+    assert launches == []  # the default path never touches the fused kernels
+    t_fus, g_fus = _one_step(model_f, objs[1], x, y, phase2)
+    # labeled z1, z2, P (single); fusion-mode unsup pair; phase-2 mixed pair
+    want = [False] * 3 + [True] * (mode == "fusion") + [True] * phase2
+    assert launches == want
+
+    assert t_ref.keys() == t_fus.keys()
+    for k in t_ref:
+        torch.testing.assert_close(t_fus[k], t_ref[k], rtol=1e-4, atol=1e-5, msg=f"term {k}")
+    for k, v in objs[0].state_dict().items():  # queues fed by the same pseudo-labels
+        torch.testing.assert_close(objs[1].state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    assert g_ref.keys() == g_fus.keys()
+    n_grads = 0
+    for n, gr in g_ref.items():
+        assert (gr is None) == (g_fus[n] is None), n
+        if gr is not None:
+            torch.testing.assert_close(g_fus[n], gr, rtol=1e-4, atol=1e-5, msg=f"grad {n}")
+            n_grads += 1
+    assert n_grads > 50

@@ -88,6 +88,9 @@ class LossConfig:
     # "softmax": CE + softmax Dice (the ACDC trainer); "sigmoid": BCE on the 2-channel one-hot,
     # σ Dice, per-channel σ > 0.5 pseudo-labels (the 2D-generic / 3D trainers, num_classes 2)
     supervision: str = "softmax"
+    # opt-in: CE/BCE + Dice (+ AU) of the labeled terms, the fusion-mode unsupervised terms and
+    # phase 2's mixed terms through the fused ops.fusion_loss kernels (same values, fp32)
+    fused_losses: bool = False
 
 
 @dataclass(frozen=True)

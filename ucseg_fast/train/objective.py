@@ -17,6 +17,15 @@ logits, pseudo-label [σ(P_c) > 0.5] per channel (with `nms`: the 3D rule [σ(P_
 largest component), IFE masks σ(z_k) resized then > 0.5, the diff terms on σ, the soft queue
 gate on channel 1 / the hard gate on [σ(z_1) > 0.5]). Logged term names stay `ce*` in both
 modes (the classification term: BCE under "sigmoid"), so logs keep one schema.
+
+`fused_losses` (opt-in, `loss.fused_losses`) computes the un-masked CE/BCE + Dice (+ AU)
+terms with the fused kernels of `ops.fusion_loss` instead of the PyTorch chain: the labeled
+terms of z1, z2 and P (`segmentation_loss_terms` against the int class map), both subnets'
+unsupervised terms of the `fusion` mode in one pair sweep (`fusion_unsup_losses` against the
+pseudo-label as a class map when it is one — nms — or as its float one-hot/multi-hot when rows
+may be empty or multi-hot — nms off), and phase 2's mixed terms (pair sweep, float y_mix).
+Same values (fp32 rounding), same term names and addition orders; the masked modes'
+unsupervised terms keep the PyTorch path. Off = the PyTorch chain, unchanged.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ from torch import Tensor, nn
 from ..ccp import CCP
 from ..losses import acc, bce_loss, ce_loss, diff_loss, dice_loss, pseudo_total, queue_gate
 from ..losses import queue_gate_hard
-from ..losses import supervised_terms, supervised_total
+from ..losses import supervised_terms, supervised_total, unsup_total
 from ..pseudo_labels import copy_paste_box, copy_paste_mask, copy_paste_mix, fusion_pseudo_label
 from ..pseudo_labels import fusion_pseudo_label_map, one_hot, prediction_masks
 
@@ -48,7 +57,7 @@ class UCSegObjective(nn.Module):
                  queue_size: int = 1440, contrast_temperature: float = 0.3,
                  queue_pointer: str = "per_class", queue_init: str = "feature_norm",
                  queue_gate: str = "hard", feature_channels=(64, 128, 256),
-                 supervision: str = "softmax"):
+                 supervision: str = "softmax", fused_losses: bool = False):
         super().__init__()
         if supervision not in ("softmax", "sigmoid"):
             raise ValueError(f"loss.supervision = {supervision!r}; choose 'softmax' or 'sigmoid'")
@@ -61,6 +70,7 @@ class UCSegObjective(nn.Module):
                                  f"'fusion' only (the entropy modes are softmax rules), got "
                                  f"{pseudo_mode!r}")
         self.supervision = supervision
+        self.fused_losses = bool(fused_losses)
         self.binary = supervision == "sigmoid"
         self.kind = "bce" if self.binary else "ce"
         self.num_classes = num_classes
@@ -107,6 +117,20 @@ class UCSegObjective(nn.Module):
                 conf = torch.softmax(out.P[Bl:].float(), 1).amax(1)
                 return Y_u, conf >= tau
             return Y_u, None
+
+    def _fusion_targets(self, out, Bl: int) -> tuple[Tensor, Tensor]:
+        """`fusion`-mode pseudo-label for the fused path: (Y_u one-hot [Bu, C, *S] float32, the
+        same target as the kernels read it). With `nms` Y_u is the one-hot of a class map, so
+        the map itself [Bu, *S] is passed (8 bytes a pixel instead of C floats); without `nms`
+        rows may be all zero (softmax) or multi-hot (σ), so the float map is passed. Same values
+        as `_pseudo_targets` (fusion_pseudo_label is one_hot of this map under nms)."""
+        with torch.no_grad():
+            P_u = out.P[Bl:].detach()
+            if self.nms:
+                y_map = fusion_pseudo_label_map(P_u, True, binary=self.binary)
+                return one_hot(y_map, self.num_classes), y_map
+            Y_u = fusion_pseudo_label(P_u, nms=False, binary=self.binary)
+            return Y_u, Y_u
 
     def _diff(self, out) -> tuple[Tensor, Tensor]:
         """The reference's gradient-free BCE between the subnets (logged, added as constants);
@@ -166,17 +190,35 @@ class UCSegObjective(nn.Module):
         y_oh = one_hot(y_l, C, ftype)
         terms: dict[str, Tensor] = {}
 
+        fused = self.fused_losses
+        fused_unsup = fused and self.pseudo_mode == "fusion"
+        if fused:
+            from ..ops.fusion_loss import fusion_unsup_losses, segmentation_loss_terms
+
         sup = []
         for k, z in ((1, out.z1), (2, out.z2)):
-            s = supervised_terms(z[:Bl], y_oh, y_l, sched.lam, kind=self.kind)
+            if fused:
+                s = segmentation_loss_terms(z[:Bl], y_l, kind=self.kind, lam=sched.lam)
+            else:
+                s = supervised_terms(z[:Bl], y_oh, y_l, sched.lam, kind=self.kind)
             sup.append(supervised_total(s))
             terms.update({f"ce{k}_l": s[self.kind], f"au{k}": s["au"], f"dice{k}_l": s["dice"]})
-        sP = supervised_terms(out.P[:Bl], y_oh, y_l, sched.lam, kind=self.kind)
+        if fused:
+            sP = segmentation_loss_terms(out.P[:Bl], y_l, kind=self.kind, lam=sched.lam)
+        else:
+            sP = supervised_terms(out.P[:Bl], y_oh, y_l, sched.lam, kind=self.kind)
         pseudo = pseudo_total(sP)
         terms.update({"ceP_l": sP[self.kind], "auP": sP["au"], "diceP_l": sP["dice"], "pseudo": pseudo})
 
-        Y_u, mask_u = self._pseudo_targets(out, Bl, sched.tau)
-        Y_u = Y_u.to(ftype)
+        if fused_unsup:
+            Y_u, Y_tgt = self._fusion_targets(out, Bl)
+            mask_u = None
+            Y_u = Y_u.to(ftype)
+            if Y_tgt.is_floating_point():
+                Y_tgt = Y_u
+        else:
+            Y_u, mask_u = self._pseudo_targets(out, Bl, sched.tau)
+            Y_u = Y_u.to(ftype)
 
         diff = self._diff(out)
         ic, ife, feats = self._contrast(out)
@@ -190,10 +232,16 @@ class UCSegObjective(nn.Module):
                     self.ccp.enqueue([t.detach() for t in f], label_all, k, gate > sched.thr)
 
         unsup = []
-        for k, z in ((1, out.z1), (2, out.z2)):
-            ce_u, dice_u = self._unsup(z[Bl:], Y_u, mask_u)
-            unsup.append(ce_u + dice_u)
-            terms.update({f"ce{k}_u": ce_u, f"dice{k}_u": dice_u})
+        if fused_unsup:
+            pair = fusion_unsup_losses(out.z1[Bl:], out.z2[Bl:], Y_tgt, kind=self.kind)
+            for k, t in enumerate(pair, start=1):
+                unsup.append(unsup_total(t))  # ce + dice, as below
+                terms.update({f"ce{k}_u": t[self.kind], f"dice{k}_u": t["dice"]})
+        else:
+            for k, z in ((1, out.z1), (2, out.z2)):
+                ce_u, dice_u = self._unsup(z[Bl:], Y_u, mask_u)
+                unsup.append(ce_u + dice_u)
+                terms.update({f"ce{k}_u": ce_u, f"dice{k}_u": dice_u})
         terms.update({"ic": ic, "ife1": ife[0], "ife2": ife[1], "diff1": diff[0], "diff2": diff[1]})
         if mask_u is not None:
             terms["mask_frac"] = mask_u.float().mean()
@@ -212,11 +260,18 @@ class UCSegObjective(nn.Module):
             x_mix, y_mix = copy_paste_mix(x[:Bl], x[Bl:], y_oh, Y_u, M, mix_branch_a)
             outm = model(x_mix)
             mix, diffmix = [], []
-            for k, z in ((1, outm.z1), (2, outm.z2)):
-                ce_m = self._cls_loss(z, y_mix)
-                dice_m = dice_loss(self._prob(z), y_mix)
-                mix.append(ce_m + dice_m)
-                terms.update({f"ce{k}_m": ce_m, f"dice{k}_m": dice_m})
+            if fused:
+                # y_mix stays a float one-hot: it mixes the (possibly multi-hot) Y_u with y_oh
+                pair = fusion_unsup_losses(outm.z1, outm.z2, y_mix, kind=self.kind)
+                for k, t in enumerate(pair, start=1):
+                    mix.append(unsup_total(t))  # ce + dice, as below
+                    terms.update({f"ce{k}_m": t[self.kind], f"dice{k}_m": t["dice"]})
+            else:
+                for k, z in ((1, outm.z1), (2, outm.z2)):
+                    ce_m = self._cls_loss(z, y_mix)
+                    dice_m = dice_loss(self._prob(z), y_mix)
+                    mix.append(ce_m + dice_m)
+                    terms.update({f"ce{k}_m": ce_m, f"dice{k}_m": dice_m})
             diffmix = self._diff(outm)
             icm, ifem, _ = self._contrast(outm)
             terms.update({"icmix": icm, "ife1mix": ifem[0], "ife2mix": ifem[1],

@@ -97,7 +97,8 @@ class Trainer:
             embed_c_factor=lc.embed_c_factor, embed_p_factor=lc.embed_p_factor, ccp=lc.ccp,
             queue_size=lc.queue_size, contrast_temperature=lc.contrast_temperature,
             queue_pointer=lc.queue_pointer, queue_init=lc.queue_init,
-            queue_gate=lc.queue_gate, supervision=lc.supervision).to(self.device)
+            queue_gate=lc.queue_gate, supervision=lc.supervision,
+            fused_losses=lc.fused_losses).to(self.device)
         self.scalars = ScheduleTensors(
             self.device, base_lr=tc.base_lr, T=tc.max_iterations, consistency=lc.consistency,
             rampup=lc.consistency_rampup, unsup_factor=lc.unsup_factor,
