@@ -96,9 +96,11 @@ def test_sigmoid_pseudo_label_rule_hand_case():
 def test_binary_gates_hand_case():
     z = torch.tensor([[[[0.0, 0.0, 0.0, 0.0]], [[2.0, -2.0, 2.0, -2.0]]]])  # fg on pixels 0, 2
     y_oh = torch.tensor([[[[0.0, 1.0, 1.0, 1.0]], [[1.0, 0.0, 0.0, 0.0]]]])  # fg on pixel 0
-    hard = UCSegObjective(2, supervision="sigmoid", ccp=False)._gate(z, y_oh)
+    obj = UCSegObjective(2, supervision="sigmoid", ccp=False)
+    hard = obj._gate(obj._probs(z), y_oh)
     assert torch.allclose(hard, torch.tensor(2 * 1 / (2 + 1 + 1e-3)))
-    soft = UCSegObjective(2, supervision="sigmoid", ccp=False, queue_gate="soft")._gate(z, y_oh)
+    obj = UCSegObjective(2, supervision="sigmoid", ccp=False, queue_gate="soft")
+    soft = obj._gate(obj._probs(z), y_oh)
     s = torch.sigmoid(torch.tensor([2.0, -2.0, 2.0, -2.0]))
     assert torch.allclose(soft, 2 * s[0] / (s.sum() + 1 + 1e-3))
 

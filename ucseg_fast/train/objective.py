@@ -92,13 +92,18 @@ class UCSegObjective(nn.Module):
     def _cls_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         return bce_loss(logits, target) if self.binary else ce_loss(logits, target)
 
-    def _gate(self, logits_l: Tensor, y_l_oh: Tensor) -> Tensor:
+    def _probs(self, z: Tensor) -> Tensor:
+        """Detached float32 probabilities (σ for binary, softmax otherwise), computed once per
+        forward and shared by the diff terms and the queue gates."""
+        z = z.detach().float()
+        return torch.sigmoid(z) if self.binary else torch.softmax(z, 1)
+
+    def _gate(self, prob: Tensor, y_l_oh: Tensor) -> Tensor:
+        """Queue gate of one subnet from its labeled-half probabilities."""
         if self.binary:
-            prob = torch.sigmoid(logits_l.float())
             if self.gate_mode == "soft":
                 return queue_gate(prob, y_l_oh, binary=True)
             return queue_gate_hard((prob[:, 1] > 0.5).long(), y_l_oh.argmax(1), 2)
-        prob = torch.softmax(logits_l.float(), 1)
         if self.gate_mode == "soft":
             return queue_gate(prob, y_l_oh)
         return queue_gate_hard(prob.argmax(1), y_l_oh.argmax(1), self.num_classes)
@@ -132,12 +137,10 @@ class UCSegObjective(nn.Module):
             Y_u = fusion_pseudo_label(P_u, nms=False, binary=self.binary)
             return Y_u, Y_u
 
-    def _diff(self, out) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _diff(p1: Tensor, p2: Tensor) -> tuple[Tensor, Tensor]:
         """The reference's gradient-free BCE between the subnets (logged, added as constants);
         on softmax (ACDC) or σ (binary) probabilities."""
-        act = torch.sigmoid if self.binary else (lambda z: torch.softmax(z, 1))
-        p1 = act(out.z1.detach().float())
-        p2 = act(out.z2.detach().float())
         return diff_loss(p1, p2), diff_loss(p2, p1)
 
     def _ife_masks(self, z: Tensor) -> Tensor:
@@ -220,14 +223,15 @@ class UCSegObjective(nn.Module):
             Y_u, mask_u = self._pseudo_targets(out, Bl, sched.tau)
             Y_u = Y_u.to(ftype)
 
-        diff = self._diff(out)
+        probs = (self._probs(out.z1), self._probs(out.z2))
+        diff = self._diff(*probs)
         ic, ife, feats = self._contrast(out)
         if self.ccp is not None:
             # after this step's IFE, before the mixed IFE: the reference's order
             with torch.no_grad():
                 label_all = torch.cat([y_oh, Y_u], 0)
-                for k, (z, f) in enumerate(((out.z1, feats[0]), (out.z2, feats[1])), start=1):
-                    gate = self._gate(z[:Bl].detach(), y_oh)
+                for k, (p, f) in enumerate(zip(probs, feats), start=1):
+                    gate = self._gate(p[:Bl], y_oh)
                     terms[f"gate{k}"] = gate
                     self.ccp.enqueue([t.detach() for t in f], label_all, k, gate > sched.thr)
 
@@ -272,7 +276,7 @@ class UCSegObjective(nn.Module):
                     dice_m = dice_loss(self._prob(z), y_mix)
                     mix.append(ce_m + dice_m)
                     terms.update({f"ce{k}_m": ce_m, f"dice{k}_m": dice_m})
-            diffmix = self._diff(outm)
+            diffmix = self._diff(self._probs(outm.z1), self._probs(outm.z2))
             icm, ifem, _ = self._contrast(outm)
             terms.update({"icmix": icm, "ife1mix": ifem[0], "ife2mix": ifem[1],
                           "diffmix1": diffmix[0], "diffmix2": diffmix[1],
