@@ -7,6 +7,7 @@ import torch
 
 from golden import golden
 from ucseg_fast import ops
+from ucseg_fast.models.upg import Patchify, unpatchify
 from ucseg_fast.ops import EvidentialUncertainty, evidential_uncertainty, reference
 from ucseg_fast.ops.reference import tolerance
 
@@ -74,10 +75,25 @@ def test_softplus_threshold_and_extremes():
 def test_golden(dtype, tol):
     """fp64 takes the reference path (f64 class); fp32 runs the Triton kernel (f32 class)."""
     g = golden()
-    z = g.tensor("evid.z").to(dtype).requires_grad_(True)
+    # clone: g.tensor() hands out the cached golden tensor itself (for float64 `.to` is a no-op),
+    # and requires_grad_ on it would leak into later tests that read "evid.z" (test_golden_upg)
+    z = g.tensor("evid.z").to(dtype).clone().requires_grad_(True)
     u = evidential_uncertainty(z)
     (dz,) = torch.autograd.grad((u * g.tensor("evid.w").to(u.dtype)).sum(), z)
     g.check("evid.u", u.detach(), tol)
+    g.check("evid.du_dz", dz, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, "f64"), (torch.float32, "f32")])
+def test_golden_token_layout(dtype, tol):
+    """patch_size=4: u as tokens [B, N, 16] = Patchify(golden u); the gradient of Σ u·Patchify(w)
+    is the golden du/dz (fp32: the token-layout kernels; fp64: reference + Patchify)."""
+    g = golden()
+    z = g.tensor("evid.z").to(dtype).clone().requires_grad_(True)
+    u_tok = evidential_uncertainty(z, patch_size=4)
+    assert u_tok.shape == (z.shape[0], 4, 16) and u_tok.is_contiguous()
+    (dz,) = torch.autograd.grad((u_tok * Patchify(4)(g.tensor("evid.w")).to(u_tok.dtype)).sum(), z)
+    g.check("evid.u", unpatchify(u_tok.detach(), z.shape[2:], 4), tol)
     g.check("evid.du_dz", dz, tol)
 
 

@@ -10,6 +10,13 @@ that the authors' state_dict loads key for key:
   (also the last: negative fused logits are compressed ×0.2, a reference quirk kept on purpose).
 
 Everything is dimension-generic (2D ``[B,1,H,W]`` or 3D ``[B,1,D,H,W]``).
+
+Token-layout path (the "fused UPG", METHOD.md §6.2/§6.7): :meth:`UPG.forward_fused_tokens` takes
+the logits and keeps the uncertainty maps and the attention output in the patch-token layout
+``[B, N, p^d]`` the attention works in: the evidential kernel writes ``u`` directly as tokens
+(no Patchify copy), :meth:`CrossAttentionBlock.forward_tokens` runs the block token to token
+(its GEMMs stay on cuBLAS; no unpatchify), and the fused head reads ``A`` from the tokens,
+computing each pixel's token index inside its sweeps (and writes ``dA`` back as tokens).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.evidential import evidential_uncertainty
 from ..ops.upg_head import fusion_head, pack_head_params
 
 __all__ = ["evidential_uncertainty_torch", "Patchify", "unpatchify", "CrossAttention",
@@ -133,6 +141,9 @@ class CrossAttentionBlock(nn.Module):
     ``h0 = Attn(t1, t2)`` (no residual); ``h1 = FFN(h0) + h0``;
     ``A = unpatchify(Dropout(Linear(h1)))``. ``pos`` is tied to ``img_size`` (randn init), so the
     block only runs at the training resolution, as in the reference.
+
+    :meth:`forward_tokens` is the same block on patch tokens ``[B, N, p^d]`` (no Patchify, no
+    unpatchify); :meth:`forward` is ``unpatchify(forward_tokens(patchify(u1), patchify(u2)))``.
     """
 
     def __init__(self, img_size: Sequence[int] = (256, 256), patch_size: int = 16, embed_dim: int = 96,
@@ -156,15 +167,36 @@ class CrossAttentionBlock(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(embed_dim, patch_dim), nn.Dropout(dropout))
 
     def forward(self, u1: Tensor, u2: Tensor) -> Tensor:
+        """``[B,1,*S] × 2 -> A [B,1,*S]`` (Patchify and unpatchify copies around :meth:`_body`)."""
         for name, u in (("u1", u1), ("u2", u2)):
             if tuple(u.shape[2:]) != self.img_size or u.shape[1] != 1:
                 raise ValueError(f"CrossAttentionBlock: {name} has shape {tuple(u.shape)}, "
                                  f"expected [B, 1, {', '.join(map(str, self.img_size))}]")
-        t1_BNE = self.dropout(self.to_patch_embedding(u1) + self.pos_embed)
-        t2_BNE = self.dropout(self.to_patch_embedding(u2) + self.pos_embed)
+        patchify = self.to_patch_embedding[0]
+        return unpatchify(self._body(patchify(u1), patchify(u2)), self.img_size, self.patch_size)
+
+    def forward_tokens(self, t1_BNF: Tensor, t2_BNF: Tensor) -> Tensor:
+        """Patch tokens ``[B, N, p^d] × 2 -> A`` as tokens ``[B, N, p^d]`` (``Patchify`` order).
+
+        The same computation as :meth:`forward` (same parameters, same dropout draws in the same
+        order) without the Patchify copy of the inputs and the unpatchify copy of the output: feed
+        it ``evidential_uncertainty(z, patch_size=p)`` and hand the result to the fused head with
+        ``a_patch_size=p``."""
+        n_tok, feat = self.pos_embed.shape[1], self.to_patch_embedding[1].in_features
+        for name, t in (("t1", t1_BNF), ("t2", t2_BNF)):
+            if t.dim() != 3 or tuple(t.shape[1:]) != (n_tok, feat):
+                raise ValueError(f"CrossAttentionBlock.forward_tokens: {name} has shape {tuple(t.shape)}, "
+                                 f"expected tokens [B, {n_tok}, {feat}] (patch size {self.patch_size}, "
+                                 f"img_size {self.img_size})")
+        return self._body(t1_BNF, t2_BNF)
+
+    def _body(self, t1_BNF: Tensor, t2_BNF: Tensor) -> Tensor:
+        embed = self.to_patch_embedding[1]
+        t1_BNE = self.dropout(embed(t1_BNF) + self.pos_embed)
+        t2_BNE = self.dropout(embed(t2_BNF) + self.pos_embed)
         h_BNE = self.attn(t1_BNE, t2_BNE)
         h_BNE = self.MLP(h_BNE) + h_BNE
-        return unpatchify(self.to_out(h_BNE), self.img_size, self.patch_size)
+        return self.to_out(h_BNE)
 
 
 class FusionHead(nn.Module):
@@ -206,20 +238,26 @@ class FusedFusionHead(FusionHead):
     running statistics are updated as ``nn.BatchNorm`` does (device-side, no host sync).
     """
 
-    def fused(self, z1: Tensor, z2: Tensor, A: Tensor) -> Tensor:
-        """``P [B,C,*S] = head(cat(A·z1, A·z2))`` without materialising the concatenation."""
-        return self.fused_with_stats(z1, z2, A)[0]
+    def fused(self, z1: Tensor, z2: Tensor, A: Tensor, *, a_patch_size: int | None = None) -> Tensor:
+        """``P [B,C,*S] = head(cat(A·z1, A·z2))`` without materialising the concatenation.
 
-    def fused_with_stats(self, z1: Tensor, z2: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ``A``: ``[B,1,*S]``, or with ``a_patch_size=p`` the patch tokens ``[B, N, p^d]``
+        (``Patchify(p)`` order) read in place; ``A``'s gradient comes back in ``A``'s layout."""
+        return self.fused_with_stats(z1, z2, A, a_patch_size=a_patch_size)[0]
+
+    def fused_with_stats(self, z1: Tensor, z2: Tensor, A: Tensor, *,
+                         a_patch_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(P, mean [6,W], var [6,W])``: also the biased batch statistics (training) or the
-        running statistics (eval) each BatchNorm used, zero-padded to the widest layer W."""
+        running statistics (eval) each BatchNorm used, zero-padded to the widest layer W.
+        ``a_patch_size`` as in :meth:`fused`."""
         wt, gamma, beta, rmean, rvar, chans = pack_head_params(self)
         bns = [getattr(self, f"conv{i + 1}")[1] for i in range(self.num_layers)]
         eps = bns[0].eps
         if any(bn.eps != eps or not bn.track_running_stats or not bn.affine for bn in bns):
             raise ValueError("FusedFusionHead: every BatchNorm needs the same eps, affine=True and "
                              "track_running_stats=True")
-        P, mean, var = fusion_head(z1, z2, A, wt, gamma, beta, rmean, rvar, chans, self.training, eps)
+        P, mean, var = fusion_head(z1, z2, A, wt, gamma, beta, rmean, rvar, chans, self.training, eps,
+                                   a_patch_size=a_patch_size)
         if self.training:
             n = z1.shape[0] * math.prod(z1.shape[2:])
             with torch.no_grad():
@@ -245,6 +283,8 @@ class UPG(nn.Module):
     ``final_head`` is registered first so that ``state_dict()`` lists keys in the reference order.
     ``head_impl``: ``"torch"`` (the reference module) or ``"fused"`` (:class:`FusedFusionHead`,
     same state_dict; the head is recomputed from (z1, z2, A) instead of storing activations).
+    With ``head_impl="fused"``, :meth:`forward_fused_tokens` runs the whole module from the logits
+    with ``u`` and ``A`` kept in patch-token layout (no Patchify/unpatchify copies).
     """
 
     def __init__(self, num_classes: int, img_size: Sequence[int], patch_size: int, embed_dim: int = 96,
@@ -264,3 +304,28 @@ class UPG(nn.Module):
             return A, self.final_head.fused(z1, z2, A)
         P = self.final_head(torch.cat([A * z1, A * z2], dim=1))
         return A, P
+
+    def forward_fused_tokens(self, z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(u1, u2, A, P)`` from the logits ``z1, z2 [B,C,*S]`` on the token-layout path.
+
+        ``u1, u2`` (the evidential vacuities) and ``A`` come back in **patch-token layout**
+        ``[B, N, p^d]`` (``Patchify(p)`` order: tokens row-major over the patch grid, features
+        row-major inside a patch; ``p = cross_attn.patch_size``); ``unpatchify(t, img_size, p)``
+        gives the ``[B,1,*S]`` maps of :meth:`forward`. ``P [B,C,*S]`` as in :meth:`forward`.
+        Same values and gradients as ``forward(evidential_uncertainty_torch(z1), …(z2), z1, z2)``
+        (to fp32 rounding): u is written as tokens by the evidential kernel, the block runs
+        token to token (:meth:`CrossAttentionBlock.forward_tokens`), and the fused head reads A's
+        tokens in place. Needs ``head_impl="fused"``."""
+        if not isinstance(self.final_head, FusedFusionHead):
+            raise ValueError(f"UPG.forward_fused_tokens needs head_impl='fused', this UPG has "
+                             f"head_impl={self.head_impl!r}")
+        img = self.cross_attn.img_size
+        for name, z in (("z1", z1), ("z2", z2)):
+            if z.dim() != 2 + len(img) or tuple(z.shape[2:]) != img:
+                raise ValueError(f"UPG.forward_fused_tokens: {name} has shape {tuple(z.shape)}, "
+                                 f"expected [B, C, {', '.join(map(str, img))}]")
+        p = self.cross_attn.patch_size
+        u1 = evidential_uncertainty(z1, patch_size=p)
+        u2 = evidential_uncertainty(z2, patch_size=p)
+        A = self.cross_attn.forward_tokens(u1, u2)
+        return u1, u2, A, self.final_head.fused(z1, z2, A, a_patch_size=p)

@@ -39,9 +39,17 @@ on Ampere+, untested for accuracy against the oracle yet).
 
 Layout: z1, z2 [B, C, *S] and A [B, 1, *S] whose spatial dims collapse to one stride
 (contiguous or channels-last; read in place); P and dz in the layout of `empty_like(z1/z2)`.
+A may instead come as the cross-attention's output tokens [B, N, p^d] (`a_patch_size=p`,
+`Patchify(p)` order, any strides): every sweep, forward and backward, computes each pixel's
+token n and in-patch feature f from its spatial index (`evidential.token_nf`: two integer
+divisions by H, W and divisions by the constexpr p) and loads A at b·sA_b + n·sA_n + f·sA_f;
+the final backward sweep stores dA there too (dA in A's layout). This removes the unpatchify
+copy of A (a [B, N, p^d] read and a [B, 1, *S] write, and the same again for dA in the
+backward); A's loads/stores come in contiguous runs of p values instead of whole rows.
 Channel widths are padded to powers of two ≥ 16 (tl.dot's minimum) with zero weights, zero γ:
 padded channels stay exactly 0. float64 (golden parity) and non-Triton devices run the same
-sweeps in PyTorch (`_TorchRunner`), so the algorithm itself is checked against the golden vectors.
+sweeps in PyTorch (`_TorchRunner`), so the algorithm itself is checked against the golden vectors;
+given token A it unpatchifies A once (it works on pixel-major copies anyway) and patchifies dA.
 """
 from __future__ import annotations
 
@@ -53,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._triton_utils import cdiv, flat_layout, next_pow2, spatial_size, tl, triton, triton_usable, use_triton
+from .evidential import patchify_map, token_geometry, token_nf, unpatchify_map
 
 __all__ = ["fusion_head", "pack_head_params", "NUM_LAYERS"]
 
@@ -139,10 +148,24 @@ def _store_dw(dw_ptr, K: tl.constexpr, acc, PI: tl.constexpr, PO: tl.constexpr, 
 
 
 @triton.jit
+def _a_offset(b, s, sab, sa1, sa2, H, W, GH, GW, A_TOK: tl.constexpr, PATCH: tl.constexpr):
+    """Element offset of A (or dA) at pixel s of sample b: b·sab + s·sa1 in pixel layout
+    [B, 1, *S]; b·sab + n·sa1 + f·sa2 in token layout [B, N, p^d], with the pixel's token n and
+    in-patch feature f computed here (int32: s < S < 2**31) — no unpatchify copy of A."""
+    if A_TOK:
+        n, f = token_nf(s.to(tl.int32), H, W, GH, GW, PATCH)
+        off = b * sab + n.to(tl.int64) * sa1 + f.to(tl.int64) * sa2
+    else:
+        off = b * sab + s * sa1
+    return off
+
+
+@triton.jit
 def _head_kernel(z1_ptr, z2_ptr, a_ptr, wt_ptr, vec_ptr, out_ptr, dp_ptr, dz1_ptr, dz2_ptr, da_ptr,
                  part_ptr, dw_ptr, NPIX, S, n_tiles,
-                 s1b, s1c, s1s, s2b, s2c, s2s, sab, sas, sob, soc, sos, sgb, sgc, sgs,
-                 sd1b, sd1c, sd1s, sd2b, sd2c, sd2s, sdab, sdas,
+                 s1b, s1c, s1s, s2b, s2c, s2s, sab, sa1, sa2, sob, soc, sos, sgb, sgc, sgs,
+                 sd1b, sd1c, sd1s, sd2b, sd2c, sd2s, sdab, sda1, sda2, H, W, GH, GW,
+                 A_TOK: tl.constexpr, PATCH: tl.constexpr,
                  C: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr, P6: tl.constexpr,
                  PJ: tl.constexpr, MAXW: tl.constexpr, MODE: tl.constexpr, J: tl.constexpr,
@@ -150,7 +173,10 @@ def _head_kernel(z1_ptr, z2_ptr, a_ptr, wt_ptr, vec_ptr, out_ptr, dp_ptr, dz1_pt
     """One sweep of the recompute scheme (NUP = layers recomputed: J in MODE 0, else 6).
     MODE 0: statistics of x_J (per-program count, mean, M2 → part [programs, 3, MAXW]);
     MODE 1: emit P; MODE 2: Σdy_J, Σdy_J·x̂_J → part [programs, 2, MAXW]; MODE 3: dz1, dz2, dA, and per-program Σdy, Σdy·x̂ of every layer
-    (part [programs, 6, 2, MAXW]) and dWᵀ partials (dw [programs, 6, MAXW, MAXW])."""
+    (part [programs, 6, 2, MAXW]) and dWᵀ partials (dw [programs, 6, MAXW, MAXW]).
+    A_TOK: A / dA in patch-token layout [B, N, PATCH^d] (strides sab, sa1 = token, sa2 = feature;
+    sda* likewise), the token index of each pixel computed per tile; else [B, 1, *S] (sa1 = the
+    collapsed spatial stride)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_S)
@@ -193,7 +219,8 @@ def _head_kernel(z1_ptr, z2_ptr, a_ptr, wt_ptr, vec_ptr, out_ptr, dp_ptr, dz1_pt
                      mask=valid[:, None] & in1[None, :], other=0.0).to(tl.float32)
         zc += tl.load(z2_ptr + (b * s2b + s * s2s)[:, None] + c2[None, :] * s2c,
                       mask=valid[:, None] & in2[None, :], other=0.0).to(tl.float32)
-        av = tl.load(a_ptr + b * sab + s * sas, mask=valid, other=0.0).to(tl.float32)
+        av = tl.load(a_ptr + _a_offset(b, s, sab, sa1, sa2, H, W, GH, GW, A_TOK, PATCH),
+                     mask=valid, other=0.0).to(tl.float32)
         h0 = zc * av[:, None]
         x1, y1, h1 = _fwd_layer(h0, wt_ptr, vec_ptr, 0, P0, P1, MAXW, PREC)
         if NUP >= 2:
@@ -302,7 +329,8 @@ def _head_kernel(z1_ptr, z2_ptr, a_ptr, wt_ptr, vec_ptr, out_ptr, dp_ptr, dz1_pt
                              dfa.to(dz1_ptr.dtype.element_ty), mask=valid[:, None] & in1[None, :])
                     tl.store(dz2_ptr + (b * sd2b + s * sd2s)[:, None] + c2[None, :] * sd2c,
                              dfa.to(dz2_ptr.dtype.element_ty), mask=valid[:, None] & in2[None, :])
-                    tl.store(da_ptr + b * sdab + s * sdas, da.to(da_ptr.dtype.element_ty), mask=valid)
+                    tl.store(da_ptr + _a_offset(b, s, sdab, sda1, sda2, H, W, GH, GW, A_TOK, PATCH),
+                             da.to(da_ptr.dtype.element_ty), mask=valid)
     if MODE == 0:
         o = tl.arange(0, PJ)
         row = part_ptr + pid * 3 * MAXW
@@ -378,14 +406,17 @@ class _TorchRunner:
     """
 
     def __init__(self, z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, chans: Sequence[int],
-                 recompute: bool | None = None) -> None:
+                 recompute: bool | None = None, a_patch: int = 0) -> None:
         self.acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
         self.recompute = RECOMPUTE_TORCH if recompute is None else recompute
-        self.z1, self.z2, self.A = z1, z2, A
+        self.z1, self.z2, self.A, self.a_patch = z1, z2, A, a_patch
         C = z1.shape[1]
         self.C, self.chans, self.W = C, list(chans), wt.shape[-1]
         self.zc = torch.cat([z1.movedim(1, -1).reshape(-1, C), z2.movedim(1, -1).reshape(-1, C)], 1).to(self.acc)
-        self.a = A.reshape(-1).to(self.acc)
+        # token-layout A (a_patch > 0): this twin works on pixel-major copies anyway (zc above),
+        # so A is unpatchified here and dA patchified back; the kernel indexes tokens in place
+        A_pix = unpatchify_map(A, z1.shape[2:], a_patch) if a_patch else A
+        self.a = A_pix.reshape(-1).to(self.acc)
         w = wt.to(self.acc)
         self.wts = [w[k, :chans[k], :chans[k + 1]] for k in range(NUM_LAYERS)]
         self.npix = self.zc.shape[0]
@@ -473,21 +504,34 @@ class _TorchRunner:
         C = self.C
         dz = dF * self.a[:, None]
         dA = (self.zc * dF).sum(1, keepdim=True)
-        return (self._unflat(dz[:, :C], self.z1), self._unflat(dz[:, C:], self.z2),
-                self._unflat(dA, self.A), part, dw)
+        if self.a_patch:
+            B = self.z1.shape[0]
+            dA_tok = patchify_map(dA.reshape(B, 1, *self.z1.shape[2:]), self.a_patch)
+            dA = torch.empty_like(self.A).copy_(dA_tok)
+        else:
+            dA = self._unflat(dA, self.A)
+        return self._unflat(dz[:, :C], self.z1), self._unflat(dz[:, C:], self.z2), dA, part, dw
 
 
 class _TritonRunner:
     """Launches `_head_kernel` sweeps; same interface and partials as `_TorchRunner`."""
 
-    def __init__(self, z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, chans: Sequence[int]) -> None:
+    def __init__(self, z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, chans: Sequence[int],
+                 a_patch: int = 0) -> None:
         self.acc = torch.float32
         self.C, self.chans, self.W = z1.shape[1], list(chans), wt.shape[-1]
         self.pads = _padded(chans)
         self.z1, *self.l1 = flat_layout(z1)
         self.z2, *self.l2 = flat_layout(z2)
-        self.A, sab, _, sas = flat_layout(A)
-        self.la = [sab, sas]
+        self.a_patch = a_patch
+        if a_patch:  # tokens [B, N, p^d], any strides: read in place, token index per pixel
+            self.A = A
+            self.la = list(A.stride())
+            self.geo = list(token_geometry(z1.shape[2:], a_patch, "fusion_head")[:4])
+        else:
+            self.A, sab, _, sas = flat_layout(A)
+            self.la = [sab, sas, 0]
+            self.geo = [1, 1, 1, 1]
         self.wt = wt.to(torch.float32).contiguous()
         self.S = spatial_size(z1)
         self.npix = z1.shape[0] * self.S
@@ -504,7 +548,13 @@ class _TritonRunner:
             lg = (0, 0, 0)
         l1 = flat_layout(dz1)[1:] if dz1 is not None else (0, 0, 0)
         l2 = flat_layout(dz2)[1:] if dz2 is not None else (0, 0, 0)
-        la = flat_layout(da) if da is not None else (None, 0, 0, 0)
+        if da is None:
+            lda = (0, 0, 0)
+        elif self.a_patch:
+            lda = da.stride()
+        else:
+            _, sdab, _, sdas = flat_layout(da)  # da = empty_like(self.A): spatial dims collapse
+            lda = (sdab, sdas, 0)
         P = self.pads
         _head_kernel[(n_prog,)](
             self.z1, self.z2, self.A, self.wt, vec,
@@ -512,7 +562,7 @@ class _TritonRunner:
             dz1 if dz1 is not None else dummy, dz2 if dz2 is not None else dummy,
             da if da is not None else dummy, part, dw,
             self.npix, self.S, self.n_tiles, *self.l1, *self.l2, *self.la, *lo, *lg, *l1, *l2,
-            la[1], la[3],
+            *lda, *self.geo, A_TOK=bool(self.a_patch), PATCH=max(1, self.a_patch),
             C=self.C, P0=P[0], P1=P[1], P2=P[2], P3=P[3], P4=P[4], P5=P[5], P6=P[6],
             PJ=P[J], MAXW=self.W, MODE=mode, J=J, NUP=J if mode == 0 else NUM_LAYERS, TRAIN=training,
             BLOCK_S=BLOCK_S, PREC=DOT_PRECISION, num_warps=4)
@@ -545,10 +595,10 @@ class _TritonRunner:
         return dz1, dz2, da, part, dw
 
 
-def _runner(z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, chans: Sequence[int]):
+def _runner(z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, chans: Sequence[int], a_patch: int = 0):
     if triton_usable(z1):
-        return _TritonRunner(z1, z2, A, wt, chans)
-    return _TorchRunner(z1, z2, A, wt, chans)
+        return _TritonRunner(z1, z2, A, wt, chans, a_patch=a_patch)
+    return _TorchRunner(z1, z2, A, wt, chans, a_patch=a_patch)
 
 
 def _affine_vec(mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
@@ -574,11 +624,12 @@ def _acc_dtype(z: Tensor) -> torch.dtype:
 @torch.library.custom_op("ucseg::fusion_head", mutates_args=())
 def _fusion_head_op(z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, gamma: Tensor, beta: Tensor,
                     mean_in: Tensor, var_in: Tensor, chans: list[int], training: bool,
-                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                    eps: float, a_patch: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(P, mean, var): P like z1; mean/var [6, W] in the accumulation dtype — the batch
-    statistics in training (biased var), a copy of mean_in/var_in (running stats) in eval."""
+    statistics in training (biased var), a copy of mean_in/var_in (running stats) in eval.
+    a_patch = 0: A is [B, 1, *S]; a_patch = p > 0: A is the patch tokens [B, N, p^d]."""
     acc = _acc_dtype(z1)
-    run = _runner(z1, z2, A, wt, chans)
+    run = _runner(z1, z2, A, wt, chans, a_patch)
     gamma, beta = gamma.to(acc), beta.to(acc)
     if training:
         mean = mean_in.new_zeros(mean_in.shape, dtype=acc)
@@ -601,7 +652,7 @@ def _like(out: Tensor, ref: Tensor) -> Tensor:
 
 
 @_fusion_head_op.register_fake
-def _(z1, z2, A, wt, gamma, beta, mean_in, var_in, chans, training, eps):
+def _(z1, z2, A, wt, gamma, beta, mean_in, var_in, chans, training, eps, a_patch=0):
     acc = _acc_dtype(z1)
     return torch.empty_like(z1), mean_in.new_empty(mean_in.shape, dtype=acc), mean_in.new_empty(mean_in.shape, dtype=acc)
 
@@ -609,10 +660,11 @@ def _(z1, z2, A, wt, gamma, beta, mean_in, var_in, chans, training, eps):
 @torch.library.custom_op("ucseg::fusion_head_backward", mutates_args=())
 def _fusion_head_bwd_op(dP: Tensor, z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, gamma: Tensor,
                         beta: Tensor, mean: Tensor, var: Tensor, chans: list[int], training: bool,
-                        eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dz1, dz2, dA, dwt, dγ, dβ) by recompute; mean/var are what the forward used."""
+                        eps: float, a_patch: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dz1, dz2, dA, dwt, dγ, dβ) by recompute; mean/var are what the forward used; dA in
+    A's layout (pixel or tokens, as `a_patch` says)."""
     acc = _acc_dtype(z1)
-    run = _runner(z1, z2, A, wt, chans)
+    run = _runner(z1, z2, A, wt, chans, a_patch)
     vec = _affine_vec(mean.to(acc), var.to(acc), gamma.to(acc), beta.to(acc), eps)
     n = z1.shape[0] * spatial_size(z1)
     if training:
@@ -627,26 +679,27 @@ def _fusion_head_bwd_op(dP: Tensor, z1: Tensor, z2: Tensor, A: Tensor, wt: Tenso
 
 
 @_fusion_head_bwd_op.register_fake
-def _(dP, z1, z2, A, wt, gamma, beta, mean, var, chans, training, eps):
+def _(dP, z1, z2, A, wt, gamma, beta, mean, var, chans, training, eps, a_patch=0):
     return (torch.empty_like(z1), torch.empty_like(z2), torch.empty_like(A), torch.empty_like(wt),
             torch.empty_like(gamma), torch.empty_like(beta))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    z1, z2, A, wt, gamma, beta, _mi, _vi, chans, training, eps = inputs
+    z1, z2, A, wt, gamma, beta, _mi, _vi, chans, training, eps = inputs[:11]
     _P, mean, var = output
     ctx.save_for_backward(z1, z2, A, wt, gamma, beta, mean, var)
     ctx.chans, ctx.training, ctx.eps = chans, training, eps
+    ctx.a_patch = inputs[11] if len(inputs) > 11 else 0
 
 
 def _backward(ctx, dP: Tensor | None, _dmean: Tensor | None, _dvar: Tensor | None):
     # mean/var outputs feed only the no-grad running-statistics update: not differentiated
     z1, z2, A, wt, gamma, beta, mean, var = ctx.saved_tensors
     if dP is None:
-        return (None,) * 11
+        return (None,) * 12
     grads = _fusion_head_bwd_op(dP, z1, z2, A, wt, gamma, beta, mean, var, ctx.chans,
-                                ctx.training, ctx.eps)
-    return (*grads, None, None, None, None, None)
+                                ctx.training, ctx.eps, ctx.a_patch)
+    return (*grads, None, None, None, None, None, None)
 
 
 _fusion_head_op.register_autograd(_backward, setup_context=_setup_context)
@@ -655,18 +708,33 @@ _fusion_head_op.register_autograd(_backward, setup_context=_setup_context)
 # =========================================================================== public API
 def fusion_head(z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, gamma: Tensor, beta: Tensor,
                 running_mean: Tensor, running_var: Tensor, chans: Sequence[int], training: bool,
-                eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+                eps: float = 1e-5, *, a_patch_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """P = head(cat(A·z1, A·z2)) by the recompute sweeps; returns (P, mean [6, W], var [6, W]).
 
     `wt`, `gamma`, `beta`, `running_*` are the packed parameters of `pack_head_params`; mean/var
     are the biased batch statistics used (training) or the running statistics (eval). Updating the
-    running statistics is the caller's job (`FusedFusionHead` does it as nn.BatchNorm)."""
+    running statistics is the caller's job (`FusedFusionHead` does it as nn.BatchNorm).
+
+    A is the attention map [B, 1, *S], or — with `a_patch_size=p` — its patch tokens
+    [B, N, p^d] as the cross-attention's output Linear writes them (`Patchify(p)` order): the
+    sweeps then index A's token layout per pixel (no unpatchify copy) and dA comes back in
+    the layout A came in."""
     for name, t in (("z1", z1), ("z2", z2)):
         if t.dim() < 3 or t.shape[1] != chans[-1]:
             raise ValueError(f"fusion_head: {name} has shape {tuple(t.shape)}, expected [B, {chans[-1]}, *spatial]")
-    if z2.shape != z1.shape or A.shape != (z1.shape[0], 1, *z1.shape[2:]):
-        raise ValueError(f"fusion_head: shapes z1 {tuple(z1.shape)}, z2 {tuple(z2.shape)}, A {tuple(A.shape)} "
-                         "must be [B, C, *S], [B, C, *S], [B, 1, *S]")
+    if z2.shape != z1.shape:
+        raise ValueError(f"fusion_head: shapes z1 {tuple(z1.shape)}, z2 {tuple(z2.shape)} must be equal [B, C, *S]")
+    if a_patch_size is None:
+        if A.shape != (z1.shape[0], 1, *z1.shape[2:]):
+            raise ValueError(f"fusion_head: shapes z1 {tuple(z1.shape)}, z2 {tuple(z2.shape)}, A {tuple(A.shape)} "
+                             "must be [B, C, *S], [B, C, *S], [B, 1, *S]")
+        a_patch = 0
+    else:
+        n_tok, pv = token_geometry(z1.shape[2:], a_patch_size, "fusion_head")[4:]
+        if A.shape != (z1.shape[0], n_tok, pv):
+            raise ValueError(f"fusion_head: A {tuple(A.shape)} with a_patch_size={a_patch_size} must be the "
+                             f"tokens [B, N, p^d] = {(z1.shape[0], n_tok, pv)} of z1 {tuple(z1.shape)}")
+        a_patch = int(a_patch_size)
     _check_chans(chans, wt)
     if z1.shape[0] * spatial_size(z1) >= 2**31 - BLOCK_S:
         raise ValueError(f"fusion_head: {z1.shape[0] * spatial_size(z1)} pixels exceed the int32 tile index")
@@ -674,7 +742,7 @@ def fusion_head(z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, gamma: Tensor, be
         raise ValueError(f"fusion_head: BatchNorm training needs more than 1 value per channel, got {tuple(z1.shape)}")
     use_triton(z1)  # raises when backend "triton" is forced where it cannot run
     return _fusion_head_op(z1, z2, A, wt, gamma, beta, running_mean, running_var, list(chans),
-                           bool(training), float(eps))
+                           bool(training), float(eps), a_patch)
 
 
 def pack_head_params(head: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[int]]:
