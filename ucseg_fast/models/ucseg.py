@@ -1,4 +1,4 @@
-"""The UC-Seg pair: two independent subnets + the UPG (METHOD.md §1.1).
+"""The UC-Seg pair: two independent subnets + the UPG (METHOD.md §1.1; 2D §1.2, 3D §1.3, UPG §1.4).
 
 ``UCSeg.forward`` is the reference's ``UC_Seg.forward`` with the intermediate maps (u1, u2, A)
 returned as well, so that losses and logging need no second pass.
@@ -12,10 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from .unet2d import UNet2D
+from .unet3d import UNet3D
 from .upg import UPG, evidential_uncertainty_torch
+from .vnet import VNet3D
 from .vnet2d import VNet2D
 
-__all__ = ["ModelOutput", "UCSeg", "build_ucseg_2d"]
+__all__ = ["ModelOutput", "UCSeg", "build_ucseg_2d", "build_ucseg_3d"]
 
 
 class ModelOutput(NamedTuple):
@@ -73,4 +75,20 @@ def build_ucseg_2d(num_classes: int = 4, in_channels: int = 3, img_size: Sequenc
     net_1 = UNet2D(in_channels, num_classes, dropout=unet_dropout)
     net_2 = VNet2D(in_channels, num_classes, n_filters=16)
     upg = UPG(num_classes, img_size, patch_size, head_impl=head_impl)
+    return UCSeg(net_1, net_2, upg, num_classes)
+
+
+def build_ucseg_3d(num_classes: int = 2, in_channels: int = 1, img_size: Sequence[int] = (96, 96, 96),
+                   patch_size: int = 16, head_impl: str = "torch") -> UCSeg:
+    """The 3D configuration of the reference (LA / Pancreas, METHOD.md §1.3–1.4): SSL4MIS
+    ``unet_3D`` (net_1, InstanceNorm, dropout 0.3) + VNet 3D, 16 filters (net_2) + UPG with the
+    3D cross-attention sizes (embed dim 1024, 8 heads × 128, FFN hidden 384, dropout 0.1).
+    ``img_size`` is the training patch ``(X, Y, Z)``; the UPG's position embedding is tied to it."""
+    img_size = tuple(int(s) for s in img_size)
+    if len(img_size) != 3:
+        raise ValueError(f"build_ucseg_3d: img_size {img_size} must have 3 entries")
+    net_1 = UNet3D(in_channels, num_classes)
+    net_2 = VNet3D(in_channels, num_classes, n_filters=16)
+    upg = UPG(num_classes, img_size, patch_size, embed_dim=1024, heads=8, dim_head=128, mlp_dim=384,
+              dropout=0.1, head_impl=head_impl)
     return UCSeg(net_1, net_2, upg, num_classes)
