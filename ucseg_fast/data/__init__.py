@@ -1,8 +1,10 @@
-"""Data: the `Batch` contract, SSL4MIS HDF5 reading, two-stream sampling, GPU augmentation.
+"""Data: the `Batch` contract, SSL4MIS HDF5 reading (2D slices, 3D volumes), two-stream sampling,
+GPU augmentation, the 3D volume stream.
 
 Nothing here touches CUDA at import time.
 """
 from .augment import AugmentParams, apply_params, augment_2d, draw_params
+from .augment3d import RotFlipCrop, draw_rot_flip_crop, rot_flip_crop
 from .batch import Batch
 from .sampler import TwoStreamSampler
 from .ssl4mis import (
@@ -15,22 +17,30 @@ from .ssl4mis import (
     slices_of_first_patients,
 )
 from .stream import TrainStream
+from .stream3d import VolumeStream
 from .synthetic import write_synthetic_acdc
+from .volumes import VolumeDataset, VolumeNotFoundError
 
 __all__ = [
     "LABELED_SLICES",
     "AugmentParams",
     "Batch",
     "DataError",
+    "RotFlipCrop",
     "SSL4MISDataset",
     "TrainStream",
     "TwoStreamSampler",
+    "VolumeDataset",
+    "VolumeNotFoundError",
+    "VolumeStream",
     "apply_params",
     "augment_2d",
     "cv2_nearest_indices",
     "draw_params",
+    "draw_rot_flip_crop",
     "labeled_slice_count",
     "resize_nearest",
+    "rot_flip_crop",
     "slices_of_first_patients",
     "write_synthetic_acdc",
 ]

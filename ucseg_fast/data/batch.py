@@ -1,8 +1,9 @@
 """The `Batch` contract between every data backend and the trainer.
 
 A training step consumes labeled images, their label maps and unlabeled images with fixed
-shapes. Every backend (torch/GPU augmentation, DALI, CPU fallback) produces exactly this, so
-the step body can be captured once and fed by copying into static buffers.
+shapes. Every backend (torch/GPU augmentation, DALI, CPU fallback, the 3D volume stream)
+produces exactly this, so the step body can be captured once and fed by copying into static
+buffers. Spatial shape ``S`` is ``(H, W)`` in 2D and ``(X, Y, Z)`` for 3D patches (METHOD.md §3).
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ class Batch:
     """Labeled images + labels + unlabeled images, one training step's worth.
 
     Attributes:
-        x_l: labeled images ``[Bl, C, H, W]`` float (float32 by convention).
-        y_l: labels ``[Bl, H, W]`` int64 class indices (0 = background).
-        x_u: unlabeled images ``[Bu, C, H, W]``, same dtype, ``C, H, W`` as ``x_l``; ``Bu`` may be 0.
+        x_l: labeled images ``[Bl, C, *S]`` float (float32 by convention), ``S = (H, W)`` in 2D or
+            ``(X, Y, Z)`` in 3D.
+        y_l: labels ``[Bl, *S]`` int64 class indices (0 = background).
+        x_u: unlabeled images ``[Bu, C, *S]``, same dtype, ``C, *S`` as ``x_l``; ``Bu`` may be 0.
     """
 
     x_l: torch.Tensor
@@ -29,21 +31,23 @@ class Batch:
 
     def __post_init__(self) -> None:
         # Shape metadata only: no device work, safe inside a loop that must not sync.
-        if self.x_l.dim() != 4 or self.x_u.dim() != 4:
+        if self.x_l.dim() not in (4, 5) or self.x_u.dim() != self.x_l.dim():
             raise ValueError(
-                f"Batch: x_l and x_u must be [B, C, H, W], got {tuple(self.x_l.shape)} "
-                f"and {tuple(self.x_u.shape)}"
+                f"Batch: x_l and x_u must be [B, C, H, W] or [B, C, X, Y, Z] alike, got "
+                f"{tuple(self.x_l.shape)} and {tuple(self.x_u.shape)}"
             )
-        if self.y_l.dim() != 3:
-            raise ValueError(f"Batch: y_l must be [Bl, H, W], got {tuple(self.y_l.shape)}")
-        bl, _, h, w = self.x_l.shape
-        if tuple(self.y_l.shape) != (bl, h, w):
+        spatial = self.x_l.dim() - 2
+        dims = "H, W" if spatial == 2 else "X, Y, Z"
+        if self.y_l.dim() != spatial + 1:
+            raise ValueError(f"Batch: y_l must be [Bl, {dims}], got {tuple(self.y_l.shape)}")
+        bl = self.x_l.shape[0]
+        if tuple(self.y_l.shape) != (bl, *self.x_l.shape[2:]):
             raise ValueError(
                 f"Batch: y_l shape {tuple(self.y_l.shape)} does not match x_l {tuple(self.x_l.shape)}"
             )
         if self.x_u.shape[1:] != self.x_l.shape[1:]:
             raise ValueError(
-                f"Batch: x_u {tuple(self.x_u.shape)} and x_l {tuple(self.x_l.shape)} differ in C, H, W"
+                f"Batch: x_u {tuple(self.x_u.shape)} and x_l {tuple(self.x_l.shape)} differ in C, {dims}"
             )
         if self.y_l.is_floating_point() or self.y_l.is_complex():
             raise ValueError(f"Batch: y_l must be an integer tensor, got {self.y_l.dtype}")

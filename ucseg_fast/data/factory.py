@@ -5,12 +5,23 @@ For the trainer::
     from ucseg_fast.data.factory import build_train_stream
     stream = build_train_stream(cfg.data, device=device, seed=cfg.train.seed, rank=rank,
                                 world_size=world_size, channels=cfg.model.in_channels)
-    batch = stream.next()                  # Batch(x_l [Bl,C,H,W], y_l [Bl,H,W] int64, x_u [Bu,C,H,W])
+    batch = stream.next()                  # Batch(x_l [Bl,C,*S], y_l [Bl,*S] int64, x_u [Bu,C,*S])
     state = stream.state_dict()            # JSON; stream.load_state_dict(state) resumes exactly
     stream.epoch_length                    # floor(n_labeled / labeled_bs), the reference's epoch
 
 Every returned stream has ``next()``, ``__next__``, ``state_dict()``, ``load_state_dict()``,
 ``epoch_length``, ``img_size`` and ``n_labeled``.
+
+The length of ``data.img_size`` picks the dimensionality: two entries ``(H, W)`` build a 2D
+stream (below), three entries ``(X, Y, Z)`` the 3D one (METHOD.md §3, 3D column):
+
+* 3D: ``format="ssl4mis"``, ``backend="torch"``, no ``unlabeled_manifest``: a `VolumeStream`
+  over the UA-MT / SSL4MIS volume folder (`VolumeDataset`: LA ``2018LA_Seg_Training Set/<case>/
+  mri_norm2.h5``, ``Pancreas_h5/<case>_norm.h5``, ...). Labeled = the first
+  ``labeled_patients`` volumes of ``train.list`` (LA 10 %: 8), the rest unlabeled;
+  ``RandomRotFlip`` (off with ``augment = false``) then ``RandomCrop(img_size)``.
+
+2D:
 
 * ``format="ssl4mis"``: labeled = slices of the first ``labeled_patients`` patients of
   ``train_slices.list``, the rest unlabeled (as the trainer does today).
@@ -36,6 +47,8 @@ from .folders import FolderDataset
 from .manifest import ManifestStream
 from .ssl4mis import DataError, SSL4MISDataset, slices_of_first_patients
 from .stream import TrainStream, _torch_seed
+from .stream3d import VolumeStream
+from .volumes import VolumeDataset
 
 __all__ = ["ManifestTrainStream", "augment_kwargs", "build_train_stream"]
 
@@ -142,15 +155,22 @@ def build_train_stream(
 
     Args:
         data: the ``[data]`` section: ``root``, ``format``, ``backend``, ``num_classes``,
-            ``labeled_patients`` (ssl4mis), ``img_size``, ``labeled_bs``, ``unlabeled_bs``,
+            ``labeled_patients`` (ssl4mis; labeled volumes in 3D), ``img_size`` (``(H, W)`` or the
+            3D patch ``(X, Y, Z)``), ``labeled_bs``, ``unlabeled_bs``,
             augmentation fields, ``unlabeled_manifest``, ``mask_mode`` (folder).
         device: training device (cache, augmentation and batches live there).
         seed: ``train.seed``; rank/world_size: data-parallel replica.
         channels: ``model.in_channels`` (gray repeated).
 
     Returns:
-        `TrainStream`, `ManifestTrainStream` or `DaliTrainStream`.
+        `TrainStream`, `ManifestTrainStream` or `DaliTrainStream` (2-entry ``img_size``);
+        `VolumeStream` (3-entry ``img_size``).
     """
+    if len(data.img_size) == 3:
+        return _build_volume_stream(data, device=device, seed=seed, rank=rank, world_size=world_size,
+                                    channels=channels)
+    if len(data.img_size) != 2:
+        raise ValueError(f"data.img_size = {tuple(data.img_size)!r}; need 2 (H, W) or 3 (X, Y, Z) sizes")
     aug = augment_kwargs(data)
     size = (int(data.img_size[0]), int(data.img_size[1]))
     manifest = None
@@ -209,6 +229,30 @@ def build_train_stream(
         lab = _from_cache(images, labels, n_l, 0, aug, common)
         return ManifestTrainStream(lab, manifest, data.unlabeled_bs, aug, seed, rank)
     return _from_cache(images, labels, n_l, data.unlabeled_bs, aug, common)
+
+
+def _build_volume_stream(data: Any, *, device: torch.device | str, seed: int, rank: int, world_size: int,
+                         channels: int) -> VolumeStream:
+    """The 3D branch of `build_train_stream` (UA-MT / SSL4MIS volumes, torch backend only)."""
+    size = tuple(int(s) for s in data.img_size)
+    if data.format != "ssl4mis":
+        raise ValueError(f"data.format = {data.format!r} with a 3-D data.img_size {size}; 3D training "
+                         f"reads SSL4MIS / UA-MT volumes: format = 'ssl4mis'")
+    if data.backend != "torch":
+        raise ValueError(f"data.backend = {data.backend!r} with a 3-D data.img_size {size}; 3D training "
+                         f"has the 'torch' backend only")
+    if data.unlabeled_manifest:
+        raise ValueError(f"data.unlabeled_manifest = {data.unlabeled_manifest!r} with a 3-D data.img_size "
+                         f"{size}; 3D training takes its unlabeled volumes from train.list")
+    ds = VolumeDataset(data.root, num_classes=data.num_classes)
+    names = ds.train_volumes
+    n_l = int(data.labeled_patients)
+    if not 1 <= n_l < len(names):
+        raise DataError(f"{data.root}: train.list has {len(names)} volumes; data.labeled_patients = "
+                        f"{data.labeled_patients} must be in [1, {len(names) - 1}] to leave unlabeled data")
+    return VolumeStream(ds, n_labeled=n_l, labeled_bs=data.labeled_bs, unlabeled_bs=data.unlabeled_bs,
+                        seed=seed, device=device, patch_size=size, rank=rank, world_size=world_size,
+                        channels=channels, rot_flip=bool(data.augment))
 
 
 def _from_cache(images: torch.Tensor, labels: torch.Tensor, n_l: int, unlabeled_bs: int,

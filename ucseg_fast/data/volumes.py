@@ -1,0 +1,158 @@
+"""SSL4MIS / UA-MT HDF5 volume reader for the 3D trainer (LA 2018, Pancreas-NIH).
+
+Layouts (METHOD.md §3, "File formats"; the reference's LA / Pancreas dataset class)::
+
+    <root>/train.list, test.list, ...              one case name a line
+    <root>/2018LA_Seg_Training Set/<case>/mri_norm2.h5   LA (UA-MT layout; the shared LA subset)
+    <root>/<case>/mri_norm2.h5                     LA with the lists inside the training folder
+    <root>/Pancreas_h5/<case>_norm.h5              Pancreas-NIH
+    <root>/data/<case>.h5, <root>/<case>.h5        generic SSL4MIS volumes
+
+Every file holds datasets ``image`` (float32, z-score normalised) and ``label`` (uint8) of the
+same 3-D shape ``[X, Y, Z]`` (about ``[180, 140, 88]`` for LA). Labeled data are the first ``n_l``
+lines of ``train.list`` (LA 10 %: 8 of 80), the rest unlabeled. h5py is imported lazily.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .ssl4mis import DataError
+
+__all__ = ["VolumeDataset", "VolumeNotFoundError"]
+
+
+class VolumeNotFoundError(DataError, FileNotFoundError):
+    """No file of a listed case exists in any known layout (a `DataError` and a `FileNotFoundError`)."""
+
+
+def _layouts(root: Path, name: str) -> list[Path]:
+    """Candidate files of one case, in lookup order (first existing wins)."""
+    return [
+        root / "2018LA_Seg_Training Set" / name / "mri_norm2.h5",
+        root / name / "mri_norm2.h5",
+        root / "Pancreas_h5" / f"{name}_norm.h5",
+        root / "data" / f"{name}.h5",
+        root / f"{name}.h5",
+    ]
+
+
+class VolumeDataset:
+    """Reader of one 3D SSL4MIS / UA-MT folder.
+
+    Args:
+        root: the folder holding ``train.list`` (and optionally ``test.list``) and the volumes.
+        num_classes: every label read is checked to be in ``[0, num_classes)`` (LA, Pancreas: 2).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], num_classes: int = 2) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"3D dataset root not found: {self.root}")
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self._lists: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ lists and paths
+    def volumes(self, split: str) -> list[str]:
+        """Case names of ``<root>/<split>.list`` in file order (stripped, blank lines skipped)."""
+        if not split or "/" in split or "\\" in split:
+            raise ValueError(f"split must be a plain list name such as 'train' or 'test', got {split!r}")
+        if split not in self._lists:
+            path = self.root / f"{split}.list"
+            if not path.is_file():
+                raise FileNotFoundError(f"split list not found: {path}")
+            names = [line.strip() for line in path.read_text().splitlines()]
+            names = [n for n in names if n]
+            if not names:
+                raise DataError(f"{path}: the list is empty")
+            self._lists[split] = names
+        return list(self._lists[split])
+
+    @property
+    def train_volumes(self) -> list[str]:
+        """Case names of ``train.list`` in file order (the labeled ones first)."""
+        return self.volumes("train")
+
+    def path(self, name: str) -> Path:
+        """The file of case ``name``: the first existing of the known layouts (module docstring)."""
+        candidates = _layouts(self.root, name.strip())
+        for path in candidates:
+            if path.is_file():
+                return path
+        tried = "\n  ".join(str(p) for p in candidates)
+        raise VolumeNotFoundError(f"no HDF5 file for case {name!r} under {self.root}; tried:\n  {tried}")
+
+    # ------------------------------------------------------------------ reading
+    def read_volume(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """One case: image float32 ``[X, Y, Z]``, label int64 ``[X, Y, Z]`` (validated)."""
+        image, label = self._read(self.path(name))
+        return image, label.astype(np.int64, copy=False)
+
+    def load_volumes(self, names: Sequence[str] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Read volumes into the training cache (default: ``train_volumes``, in list order).
+
+        Returns:
+            ``images`` float32 and ``labels`` uint8 CPU tensors ``[X_i, Y_i, Z_i]`` (sizes differ
+            between volumes; full LA: 80 x ~2.3 M voxels x 5 B = ~0.9 GB).
+        """
+        names = self.train_volumes if names is None else list(names)
+        images: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        for name in names:
+            path = self.path(name)
+            image, label = self._read(path)
+            if int(label.max()) > 255:
+                raise DataError(f"{path}: 'label' value {int(label.max())} does not fit the uint8 cache")
+            images.append(torch.from_numpy(np.ascontiguousarray(image)))
+            labels.append(torch.from_numpy(np.ascontiguousarray(label.astype(np.uint8, copy=False))))
+        return images, labels
+
+    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """Validated arrays: image float32, label in its stored integer dtype (or int64)."""
+        import h5py  # lazy: the rest of the data package runs without it
+
+        try:
+            h5 = h5py.File(path, "r")
+        except OSError as exc:
+            raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
+        arrays: dict[str, np.ndarray] = {}
+        with h5:
+            for key in ("image", "label"):
+                node = h5.get(key)
+                if not isinstance(node, h5py.Dataset):
+                    raise DataError(f"{path}: missing dataset '{key}' (found: {sorted(h5.keys())})")
+                try:
+                    arrays[key] = np.asarray(node[()])
+                except (OSError, ValueError, TypeError) as exc:
+                    raise DataError(f"{path}: cannot read dataset '{key}' ({exc})") from exc
+        image, label = arrays["image"], arrays["label"]
+        if image.ndim != 3 or label.ndim != 3:
+            raise DataError(
+                f"{path}: expected 3-D 'image' and 'label', got shapes {image.shape} and {label.shape}"
+            )
+        if image.shape != label.shape:
+            raise DataError(f"{path}: 'image' shape {image.shape} != 'label' shape {label.shape}")
+        if min(image.shape) < 1:
+            raise DataError(f"{path}: empty volume of shape {image.shape}")
+        if not (np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.integer)):
+            raise DataError(f"{path}: 'image' has non-numeric dtype {image.dtype}")
+        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+            raise DataError(f"{path}: 'image' holds NaN or infinite values")
+        if not np.issubdtype(label.dtype, np.integer):
+            if not np.issubdtype(label.dtype, np.floating) or not np.array_equal(label, np.round(label)):
+                raise DataError(f"{path}: 'label' must hold integer class ids, got dtype {label.dtype}")
+            label = label.astype(np.int64)
+        lo, hi = int(label.min()), int(label.max())
+        if lo < 0 or hi >= self.num_classes:
+            bad = lo if lo < 0 else hi
+            raise DataError(f"{path}: 'label' value {bad} outside [0, num_classes={self.num_classes})")
+        return image.astype(np.float32, copy=False), label
+
+    def __repr__(self) -> str:
+        return f"VolumeDataset(root={str(self.root)!r}, num_classes={self.num_classes})"
