@@ -77,3 +77,36 @@ def test_config_is_frozen_and_roundtrips():
     assert back == cfg
     other = load_config(None, ["--loss.nms=false"])
     assert diff_configs(cfg, other) == ["loss.nms: True != False"]
+
+
+def test_la_preset_is_the_reference_3d_recipe():
+    cfg = load_config(REPO / "configs" / "la_3d.toml")
+    d, lo, m = cfg.data, cfg.loss, cfg.model
+    assert (d.img_size, d.labeled_bs, d.unlabeled_bs, d.labeled_patients) == ((96, 96, 96), 2, 2, 8)
+    assert (d.num_classes, m.in_channels, m.patch_size, d.val_split) == (2, 1, 16, "test")
+    assert (d.eval_stride_xy, d.eval_stride_z) == (18, 4)
+    assert (lo.supervision, lo.nms, lo.queue_size, lo.phase2_start) == ("sigmoid", True, 144, 6000)
+    assert (lo.gate_base, lo.gate_span, lo.unsup_factor) == (0.2, 0.56, 150.0)
+    assert cfg.train.max_iterations == 50000
+
+
+def test_3d_config_errors_name_the_key():
+    base = ["--data.img_size=[32,32,32]", "--data.num_classes=2", "--loss.supervision=sigmoid"]
+    cfg = load_config(None, base + ["--data.labeled_patients=1"])  # any volume count in 3D
+    assert cfg.data.img_size == (32, 32, 32) and cfg.data.labeled_patients == 1
+    with pytest.raises(ConfigError, match="img_size"):
+        load_config(None, ["--data.img_size=[32,32,32,32]"])
+    with pytest.raises(ConfigError, match="data.format must be 'ssl4mis'"):
+        load_config(None, base + ["--data.format=folder"])
+    with pytest.raises(ConfigError, match="data.backend = 'dali'"):
+        load_config(None, base + ["--data.backend=dali"])
+    with pytest.raises(ConfigError, match="unlabeled_manifest"):
+        load_config(None, base + ["--data.unlabeled_manifest=list.txt"])
+    with pytest.raises(ConfigError, match="supervision = 'softmax'"):
+        load_config(None, ["--data.img_size=[32,32,32]", "--data.num_classes=2"])
+    with pytest.raises(ConfigError, match="eval_stride"):
+        load_config(None, base + ["--data.eval_stride_z=0"])
+    with pytest.raises(ConfigError, match="val_split"):
+        load_config(None, ["--data.val_split=a/b"])
+    with pytest.raises(ConfigError, match="labeled_patients must be >= 1"):
+        load_config(None, base + ["--data.labeled_patients=0"])

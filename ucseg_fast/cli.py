@@ -68,9 +68,28 @@ def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str)
     return cfg, meta, device, predict
 
 
+def _predict_array(cfg, predict, img, batch_size: int, device):
+    """Class map of one volume with the configuration's inference: slice-wise 2D (argmax, or
+    σ(P)[:, 1] > 0.5 for binary runs) or the 3D sliding-window protocol."""
+    from .eval.protocol import is_3d
+    if is_3d(cfg):
+        from .eval.sliding_window import predict_case_3d
+        return predict_case_3d(predict, img, patch=tuple(cfg.data.img_size),
+                               stride_xy=cfg.data.eval_stride_xy, stride_z=cfg.data.eval_stride_z,
+                               nms=True, batch_size=batch_size, device=device,
+                               in_channels=cfg.model.in_channels)
+    from .eval.inference import binary_decision_logits, predict_volume
+    fn = predict
+    if cfg.loss.supervision == "sigmoid":  # binary runs segment with σ(P)[:, 1] > 0.5
+        fn = lambda x: binary_decision_logits(predict(x))  # noqa: E731
+    return predict_volume(fn, img, img_size=tuple(cfg.data.img_size), batch_size=batch_size,
+                          device=device, in_channels=cfg.model.in_channels)
+
+
 def cmd_eval(args, extra) -> int:
+    import numpy as np
     from .eval.inference import ImageEvaluation
-    from .eval.protocol import evaluate, evaluation_items, open_dataset
+    from .eval.protocol import evaluate, evaluation_items, is_3d, open_dataset
     from .eval.report import (format_image_table, format_table, save_overlay_figure, write_csv,
                               write_image_reports, write_json)
     cfg, meta, device, predict = _load_for_inference(args.checkpoint, extra, args.device)
@@ -95,14 +114,10 @@ def cmd_eval(args, extra) -> int:
     if args.figure:
         if cfg.data.format == "folder":
             raise SystemExit("error: --figure draws slices of volumes; image folders have none")
-        from .eval.inference import binary_decision_logits, predict_volume
         name, img, lab = items[0][:3]
-        fn = predict
-        if cfg.loss.supervision == "sigmoid":  # the metrics' rule: σ(P)[:, 1] > 0.5
-            fn = lambda x: binary_decision_logits(predict(x))  # noqa: E731
-        pred = predict_volume(fn, img, img_size=tuple(cfg.data.img_size),
-                              batch_size=args.batch_size, device=device,
-                              in_channels=cfg.model.in_channels)
+        pred = _predict_array(cfg, predict, img, args.batch_size, device)
+        if is_3d(cfg):  # [X, Y, Z] volumes: the figure shows axial slices (the last axis)
+            img, lab, pred = (np.moveaxis(np.asarray(v), -1, 0) for v in (img, lab, pred.cpu()))
         save_overlay_figure(args.figure, img, lab, pred)
         print(f"wrote {args.figure} ({name})")
     return 0
@@ -110,8 +125,10 @@ def cmd_eval(args, extra) -> int:
 
 def cmd_predict(args, extra) -> int:
     import numpy as np
-    from .eval.inference import predict_volume, save_nifti
+    from .eval.inference import save_nifti
+    from .eval.protocol import is_3d
     cfg, meta, device, predict = _load_for_inference(args.checkpoint, extra, args.device)
+    three_d = is_3d(cfg)
     src = Path(args.input)
     if not src.is_file():
         raise SystemExit(f"error: input not found: {src}")
@@ -125,27 +142,26 @@ def cmd_predict(args, extra) -> int:
     elif src.name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
         nii = nib.load(str(src))
-        # NIfTI is [X, Y, Z]; the network works on axial slices [Z, Y, X]
-        img = np.asarray(nii.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
-        spacing = tuple(float(s) for s in nii.header.get_zooms()[:3])[::-1]
+        img = np.asarray(nii.get_fdata(), dtype=np.float32)
+        spacing = tuple(float(s) for s in nii.header.get_zooms()[:3])
+        if not three_d:  # NIfTI is [X, Y, Z]; the 2D network works on axial slices [Z, Y, X]
+            img, spacing = img.transpose(2, 1, 0), spacing[::-1]
     elif src.suffix == ".npy":
         img = np.load(src).astype(np.float32)
     else:
         raise SystemExit(f"error: {src}: unsupported input (use .h5 with 'image', .nii[.gz] or .npy)")
+    if three_d and img.ndim != 3:
+        raise SystemExit(f"error: {src}: the 3D model needs a volume [X, Y, Z], got shape {img.shape}")
     if img.ndim == 2:
         img = img[None]
     if img.ndim != 3:
         raise SystemExit(f"error: {src}: expected a 2D slice or a 3D volume, got shape {img.shape}")
-    fn = predict
-    if cfg.loss.supervision == "sigmoid":  # binary runs segment with σ(P)[:, 1] > 0.5
-        from .eval.inference import binary_decision_logits
-        fn = lambda x: binary_decision_logits(predict(x))  # noqa: E731
-    pred = predict_volume(fn, img, img_size=tuple(cfg.data.img_size), batch_size=args.batch_size,
-                          device=device, in_channels=cfg.model.in_channels).cpu().numpy()
+    pred = _predict_array(cfg, predict, img, args.batch_size, device).cpu().numpy()
     out = Path(args.output)
     if out.name.endswith((".nii", ".nii.gz")) and nii is not None:
         import nibabel as nib  # same grid and orientation as the input volume
-        nib.save(nib.Nifti1Image(pred.transpose(2, 1, 0).astype(np.uint8), nii.affine), str(out))
+        grid = pred if three_d else pred.transpose(2, 1, 0)
+        nib.save(nib.Nifti1Image(grid.astype(np.uint8), nii.affine), str(out))
     elif out.name.endswith((".nii", ".nii.gz")):
         save_nifti(out, pred, spacing)
     else:
@@ -159,6 +175,11 @@ def cmd_prepare(args, extra) -> int:
     if args.what == "synthetic":
         root = write_synthetic_acdc(args.out, n_train_patients=args.patients, seed=args.seed)
         print(f"wrote a synthetic cardiac-like SSL4MIS dataset to {root or args.out}")
+        return 0
+    if args.what == "synthetic3d":
+        from .data.synthetic import write_synthetic_la
+        root = write_synthetic_la(args.out, n_train=args.patients, seed=args.seed)
+        print(f"wrote a synthetic left-atrium-like 3D set (UA-MT layout) to {root}")
         return 0
     if args.what in ("npy", "export"):
         from .data.folders import export_folder, ssl4mis_to_npy
@@ -270,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_predict)
 
     q = sub.add_parser("prepare", help="data preparation helpers")
-    q.add_argument("what", choices=("synthetic", "npy", "export"),
-                   help="synthetic: write a cardiac-like SSL4MIS set; npy: SSL4MIS -> .npy "
+    q.add_argument("what", choices=("synthetic", "synthetic3d", "npy", "export"),
+                   help="synthetic: write a cardiac-like SSL4MIS set; synthetic3d: an LA-like "
+                        "3D set (UA-MT layout, --patients = train volumes); npy: SSL4MIS -> .npy "
                         "(DALI readers.numpy); export: SSL4MIS slices -> PNG/JPEG image+mask folder")
     q.add_argument("--out", required=True)
     q.add_argument("--src", help="SSL4MIS folder (npy, export)")

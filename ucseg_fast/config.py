@@ -24,8 +24,11 @@ class DataConfig:
     root: str = "../shared/data/ACDC"
     num_classes: int = 4
     # Labeled patients; the first matching number of lines of train_slices.list are labeled.
+    # 3D (img_size of 3 values): labeled volumes, the first lines of train.list.
     labeled_patients: int = 7
-    img_size: tuple[int, int] = (256, 256)
+    # Training crop: 2 values = the 2D recipes (slices resized to it), 3 values = the 3D recipe
+    # (random crop of the volumes, sliding-window evaluation with this window).
+    img_size: tuple[int, ...] = (256, 256)
     labeled_bs: int = 12
     unlabeled_bs: int = 12
     augment: bool = True
@@ -47,6 +50,12 @@ class DataConfig:
     unlabeled_manifest: str = ""
     # Folder masks: "auto" | "index" (class ids) | "binary" (gray/255 > 0.5).
     mask_mode: str = "auto"
+    # The list validation reads (SSL4MIS: <root>/<val_split>.list). The reference validates
+    # ACDC on val.list and LA on test.list.
+    val_split: str = "val"
+    # 3D sliding-window evaluation strides (METHOD.md §4: 18 in x/y, 4 in z)
+    eval_stride_xy: int = 18
+    eval_stride_z: int = 4
 
 
 @dataclass(frozen=True)
@@ -223,9 +232,35 @@ def _build(data: dict[str, Any], source: str) -> Config:
 
 def _validate(cfg: Config, source: str) -> None:
     d, t, lo = cfg.data, cfg.train, cfg.loss
-    if d.labeled_patients not in _ALLOWED_LABELED:
+    if len(d.img_size) not in (2, 3):
+        raise ConfigError(f"{source}: data.img_size {list(d.img_size)} must have 2 values (2D) "
+                          f"or 3 values (3D)")
+    three_d = len(d.img_size) == 3
+    if d.format == "ssl4mis" and not three_d and d.labeled_patients not in _ALLOWED_LABELED:
         raise ConfigError(f"{source}: data.labeled_patients = {d.labeled_patients}; the SSL4MIS "
                           f"ACDC split defines {_ALLOWED_LABELED}")
+    if d.labeled_patients < 1:
+        raise ConfigError(f"{source}: data.labeled_patients must be >= 1")
+    if three_d:
+        if d.format != "ssl4mis":
+            raise ConfigError(f"{source}: 3D training (data.img_size {list(d.img_size)}) reads "
+                              f"SSL4MIS / UA-MT HDF5 volumes: data.format must be 'ssl4mis', got "
+                              f"{d.format!r}")
+        if d.backend != "torch":
+            raise ConfigError(f"{source}: 3D training has the torch data backend only; "
+                              f"data.backend = {d.backend!r}")
+        if d.unlabeled_manifest:
+            raise ConfigError(f"{source}: data.unlabeled_manifest is a 2D (slice/image) source; "
+                              f"it cannot feed 3D training")
+        if d.num_classes != 2 or lo.supervision != "sigmoid":
+            raise ConfigError(f"{source}: the 3D recipe is the reference's binary one "
+                              f"(data.num_classes = 2, loss.supervision = 'sigmoid'); got "
+                              f"num_classes = {d.num_classes}, supervision = {lo.supervision!r}")
+    if d.eval_stride_xy < 1 or d.eval_stride_z < 1:
+        raise ConfigError(f"{source}: data.eval_stride_xy and data.eval_stride_z must be >= 1")
+    if not d.val_split or "/" in d.val_split:
+        raise ConfigError(f"{source}: data.val_split = {d.val_split!r} must name a list file "
+                          f"(<root>/<val_split>.list)")
     if d.num_classes < 2:
         raise ConfigError(f"{source}: data.num_classes must be >= 2")
     if d.labeled_bs < 1 or d.unlabeled_bs < 1:

@@ -1,4 +1,5 @@
-"""A small synthetic cardiac-MRI-like dataset in the SSL4MIS ACDC layout.
+"""Small synthetic datasets in the SSL4MIS layouts: cardiac-MRI-like ACDC slices/volumes and
+left-atrium-like LA volumes (UA-MT layout, `write_synthetic_la`).
 
 For demos, smoke tests and benchmarks without the real data: the same files, list formats,
 dtypes and gzip compression as the real ACDC folders, so every reader and the trainer run on it
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_synthetic_acdc", "synthetic_volume"]
+__all__ = ["write_synthetic_acdc", "synthetic_volume", "synthetic_atrium", "write_synthetic_la"]
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
@@ -151,4 +152,66 @@ def write_synthetic_acdc(
                 _write_h5(root / "data" / f"{name}.h5", image, label)
                 lines.append(name)
         (root / f"{split}.list").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def synthetic_atrium(rng: np.random.Generator, shape: tuple[int, int, int]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """One LA-like volume ``[X, Y, Z]``: image float32, z-score normalised like the UA-MT
+    ``mri_norm2.h5`` files, label uint8 {0, 1}: a bright, lumpy blob (the atrium: an ellipsoid
+    with a few attached lobes, the pulmonary-vein stubs) in smooth textured tissue, with
+    bright distractor blobs, a bias field and noise."""
+    from scipy.ndimage import gaussian_filter
+
+    X, Y, Z = (int(v) for v in shape)
+    grid = np.stack(np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij"), 0)
+    grid = grid.astype(np.float64)
+    centre = np.array([X, Y, Z]) * rng.uniform(0.4, 0.6, 3)
+    radii = np.array([X, Y, Z]) * rng.uniform(0.14, 0.22, 3)
+    d = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0)
+    label = d < 1.0
+    for _ in range(int(rng.integers(2, 5))):  # lobes on the surface
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        c = centre + direction * radii * rng.uniform(0.8, 1.1)
+        r = radii.min() * rng.uniform(0.25, 0.45)
+        label |= (((grid - c[:, None, None, None]) / r) ** 2).sum(0) < 1.0
+    texture = gaussian_filter(rng.standard_normal((X, Y, Z)), 4.0)
+    texture /= max(float(texture.std()), 1e-6)
+    image = np.where(label, 1.0, 0.35) + 0.08 * texture
+    for _ in range(int(rng.integers(2, 5))):  # distractors: vessels / other chambers
+        c = np.array([X, Y, Z]) * rng.uniform(0.05, 0.95, 3)
+        r = radii.min() * rng.uniform(0.3, 0.6)
+        blob = (((grid - c[:, None, None, None]) / r) ** 2).sum(0) < 1.0
+        image = np.where(blob & ~label, rng.uniform(0.6, 0.85), image)
+    bias = np.exp(0.2 * gaussian_filter(rng.standard_normal((X, Y, Z)), 12.0) * 8.0)
+    image = gaussian_filter(image, 0.7) * bias + rng.normal(0.0, 0.05, (X, Y, Z))
+    image = (image - image.mean()) / max(float(image.std()), 1e-6)
+    return image.astype(np.float32), label.astype(np.uint8)
+
+
+def write_synthetic_la(root: str | os.PathLike[str], n_train: int = 6, n_test: int = 2,
+                       shape: tuple[int, int, int] = (72, 64, 48), seed: int = 0) -> Path:
+    """Write an LA-like 3D set in the UA-MT layout: ``<root>/2018LA_Seg_Training Set/<case>/
+    mri_norm2.h5`` (``image`` float32, ``label`` uint8, gzip), ``train.list`` (the first lines
+    are the labeled cases of a run) and ``test.list``. Each case gets a slightly different
+    shape around ``shape`` (as real scans do)."""
+    if n_train < 2 or n_test < 0:
+        raise ValueError(f"need n_train >= 2 (labeled + unlabeled) and n_test >= 0, got "
+                         f"{n_train}, {n_test}")
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    lines: dict[str, list[str]] = {"train": [], "test": []}
+    for i in range(n_train + n_test):
+        split = "train" if i < n_train else "test"
+        case = f"CASE{i:04d}"
+        jitter = rng.integers(-4, 5, 3) * np.array([1, 1, 0])
+        image, label = synthetic_atrium(rng, tuple(int(v) for v in np.array(shape) + jitter))
+        folder = root / "2018LA_Seg_Training Set" / case
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_h5(folder / "mri_norm2.h5", image, label)
+        lines[split].append(case)
+    for split, names in lines.items():
+        if names:
+            (root / f"{split}.list").write_text("\n".join(names) + "\n")
     return root

@@ -6,6 +6,9 @@ is scored the same way wherever it is scored:
   (validation) or Dice / Jaccard / HD95 / ASD (evaluation) over classes 1..C-1;
 - image folders: per-image inference at `img_size`, Dice / Jaccard per image (the 2D-generic
   protocol), mean over images;
+- 3D (`data.img_size` of 3 values, SSL4MIS / UA-MT volumes): sliding windows of `img_size`
+  with strides `data.eval_stride_xy` / `eval_stride_z`, mean σ(P)[:, 1] > 0.5, the largest
+  26-connected component, Dice / Jaccard / HD95 / ASD of the foreground per case (METHOD.md §4);
 - `loss.supervision = "sigmoid"`: the prediction is σ(P)[:, 1] > 0.5, otherwise argmax.
 """
 from __future__ import annotations
@@ -20,9 +23,17 @@ from .inference import (EvaluationResult, ImageEvaluation, binary_decision_logit
 PredictFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def is_3d(cfg) -> bool:
+    """True for the 3D recipe (a 3-value `data.img_size`: volumes, 3D subnets)."""
+    return len(cfg.data.img_size) == 3
+
+
 def open_dataset(cfg) -> Any:
-    """The dataset object of `cfg.data` (SSL4MIS, image folder or NIfTI)."""
+    """The dataset object of `cfg.data` (SSL4MIS slices/volumes, image folder or NIfTI)."""
     dc = cfg.data
+    if is_3d(cfg):
+        from ..data.volumes import VolumeDataset
+        return VolumeDataset(dc.root, num_classes=dc.num_classes)
     if dc.format == "folder":
         from ..data.folders import FolderDataset
         return FolderDataset(dc.root, num_classes=dc.num_classes, mask_mode=dc.mask_mode)
@@ -35,10 +46,16 @@ def open_dataset(cfg) -> Any:
 
 def evaluation_items(cfg, dataset: Any, split: str = "val",
                      limit: int | None = None) -> list[tuple[Any, ...]]:
-    """`(name, image, label[, spacing])` items of `split`: volumes [D,H,W] (SSL4MIS, NIfTI) or
-    images [C,H,W] with labels [H,W] (folders). Image folders and NIfTI sets have one
-    held-out split (folders: `val/`; NIfTI: `imagesVal/`, else `imagesTs/`)."""
+    """`(name, image, label[, spacing])` items of `split`: volumes [D,H,W] (SSL4MIS, NIfTI),
+    3D volumes [X,Y,Z] as stored (3D recipe) or images [C,H,W] with labels [H,W] (folders).
+    Image folders and NIfTI sets have one held-out split (folders: `val/`; NIfTI:
+    `imagesVal/`, else `imagesTs/`)."""
     fmt = cfg.data.format
+    if is_3d(cfg):
+        names = dataset.volumes(split)[:limit]
+        if not names:
+            raise ValueError(f"{dataset.root}: {split}.list names no volume")
+        return [(n, *dataset.read_volume(n)) for n in names]
     if fmt == "folder":
         if split != "val":
             raise ValueError(f"{dataset.root}: image folders have a 'val' split only, not {split!r}")
@@ -65,6 +82,13 @@ def evaluate(cfg, predict_fn: PredictFn, items: list[tuple[Any, ...]], *,
     """Score `items` with the protocol of `cfg` (see the module docstring)."""
     binary = cfg.loss.supervision == "sigmoid"
     img_size = tuple(cfg.data.img_size)
+    if is_3d(cfg):
+        from .sliding_window import evaluate_cases_3d
+        return evaluate_cases_3d(predict_fn, items, patch=img_size,
+                                 stride_xy=cfg.data.eval_stride_xy, stride_z=cfg.data.eval_stride_z,
+                                 nms=True, batch_size=batch_size, device=device,
+                                 dice_only=dice_only, mode=mode, save_dir=save_dir,
+                                 in_channels=cfg.model.in_channels)
     if cfg.data.format == "folder":
         return evaluate_images(predict_fn, items, cfg.data.num_classes, img_size=img_size,
                                batch_size=batch_size, device=device, binary=binary,

@@ -27,7 +27,7 @@ import torch
 from ..config import Config, config_from_dict, diff_configs
 from ..data.factory import build_train_stream
 from ..eval.protocol import evaluate, evaluation_items, mean_dice, open_dataset
-from ..models import build_ucseg_2d
+from ..models import build_ucseg_2d, build_ucseg_3d
 from .checkpoint import CheckpointError, join_state, load_checkpoint, save_checkpoint, split_state
 from .objective import UCSegObjective
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_flag,
@@ -90,7 +90,7 @@ class Trainer:
 
         self.model = build_model(cfg)
         self.model.to(self.device)
-        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        self.memory_format = memory_format_for(cfg)
         self.model.to(memory_format=self.memory_format)
         self.objective = UCSegObjective(
             dc.num_classes, pseudo_mode=lc.pseudo_mode, nms=lc.nms,
@@ -317,7 +317,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------
     def val_volumes(self):
         if self._val_volumes is None:
-            self._val_volumes = evaluation_items(self.cfg, self.dataset, "val",
+            self._val_volumes = evaluation_items(self.cfg, self.dataset, self.cfg.data.val_split,
                                                  self.cfg.train.max_val_volumes or None)
         return self._val_volumes
 
@@ -444,12 +444,26 @@ class Trainer:
         self.history = list(meta["history"])
 
 
+def memory_format_for(cfg: Config) -> torch.memory_format:
+    """`train.channels_last`: channels-last for 2D (NHWC), channels-last-3d for 3D (NDHWC)."""
+    if not cfg.train.channels_last:
+        return torch.contiguous_format
+    return torch.channels_last_3d if len(cfg.data.img_size) == 3 else torch.channels_last
+
+
 def build_model(cfg: Config) -> torch.nn.Module:
-    """The UC-Seg pair a configuration describes (training, evaluation and prediction)."""
+    """The UC-Seg pair a configuration describes (training, evaluation and prediction):
+    UNet-2D + VNet-2D for a 2-value `data.img_size`, UNet-3D + VNet-3D (and the 3D UPG) for a
+    3-value one (`model.unet_dropout` is 2D only; the 3D UNet has the reference's 0.3)."""
     m = cfg.model
-    model = build_ucseg_2d(num_classes=cfg.data.num_classes, in_channels=m.in_channels,
-                           img_size=tuple(cfg.data.img_size), patch_size=m.patch_size,
-                           unet_dropout=tuple(m.unet_dropout), head_impl=m.upg_head)
+    if len(cfg.data.img_size) == 3:
+        model = build_ucseg_3d(num_classes=cfg.data.num_classes, in_channels=m.in_channels,
+                               img_size=tuple(cfg.data.img_size), patch_size=m.patch_size,
+                               head_impl=m.upg_head)
+    else:
+        model = build_ucseg_2d(num_classes=cfg.data.num_classes, in_channels=m.in_channels,
+                               img_size=tuple(cfg.data.img_size), patch_size=m.patch_size,
+                               unet_dropout=tuple(m.unet_dropout), head_impl=m.upg_head)
     if m.uncertainty == "fused":
         from ..ops import evidential_uncertainty
         model.uncertainty_fn = evidential_uncertainty
