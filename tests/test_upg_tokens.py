@@ -397,3 +397,29 @@ def test_upg_forward_fused_tokens_compiles_fullgraph():
     assert len(outs[0]) == len(outs[1])
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_build_model_wires_the_token_path():
+    """model.uncertainty = model.upg_head = "fused" -> UCSeg.fused_tokens: same P and gradients
+    as the plain modules (same weights), u/A returned as tokens."""
+    from ucseg_fast.config import load_config
+    from ucseg_fast.models.upg import unpatchify
+    from ucseg_fast.train.trainer import build_model
+
+    base = ["--data.img_size=[32,32]", "--data.num_classes=2", "--model.patch_size=16"]
+    torch.manual_seed(0)
+    ref = build_model(load_config(None, base)).eval()
+    fused = build_model(load_config(None, base + ["--model.uncertainty=fused",
+                                                  "--model.upg_head=fused"])).eval()
+    assert fused.fused_tokens and not ref.fused_tokens
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    out_r, out_f = ref(x), fused(x)
+    assert out_f.u1.shape == (2, 4, 256) and out_f.A.shape == (2, 4, 256)
+    torch.testing.assert_close(unpatchify(out_f.A, (32, 32), 16), out_r.A, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_f.P, out_r.P, rtol=1e-4, atol=1e-4)
+    out_r.P.square().sum().backward()
+    out_f.P.square().sum().backward()
+    for (n, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=n)

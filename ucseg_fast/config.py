@@ -63,7 +63,9 @@ class ModelConfig:
     in_channels: int = 3
     patch_size: int = 16
     unet_dropout: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
-    # "torch": plain PyTorch evidential uncertainty; "fused": the Triton op (CUDA).
+    # "torch": plain PyTorch evidential uncertainty; "fused": the Triton op (CUDA). With
+    # upg_head = "fused" too, u is written straight into the attention's patch-token layout and
+    # the fused head reads A from it (UCSeg.fused_tokens).
     uncertainty: str = "torch"
     # UPG fusion head: "torch" (the reference module) or "fused" (Triton recompute sweeps,
     # same parameters and state_dict)

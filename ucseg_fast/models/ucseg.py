@@ -28,9 +28,9 @@ class ModelOutput(NamedTuple):
     z2: Tensor              # [B,C,*S] logits of net_2
     feats2: list[Tensor]
     P: Tensor               # [B,C,*S] fused logits (pseudo-label source and inference output)
-    u1: Tensor              # [B,1,*S] vacuity of z1 (attention query side)
-    u2: Tensor              # [B,1,*S] vacuity of z2 (key/value side)
-    A: Tensor               # [B,1,*S] cross-attention map
+    u1: Tensor              # [B,1,*S] vacuity of z1 (attention query side); tokens [B,N,p^d]
+    u2: Tensor              # [B,1,*S] vacuity of z2 (key/value side)    when UCSeg.fused_tokens
+    A: Tensor               # [B,1,*S] cross-attention map                (see there)
 
 
 class UCSeg(nn.Module):
@@ -49,12 +49,22 @@ class UCSeg(nn.Module):
         self.num_classes = num_classes
         self.uncertainty_fn = uncertainty_fn
 
+    #: True: the fused token-layout UPG path (`UPG.forward_fused_tokens`: the evidential kernel
+    #: writes u as patch tokens, the fused head reads A's tokens; no Patchify / unpatchify
+    #: copies). Then `ModelOutput.u1/u2/A` are token tensors [B, N, p^d] (`upg.unpatchify`
+    #: gives the maps). Needs the fused head; `build_model` sets it for model.uncertainty =
+    #: model.upg_head = "fused".
+    fused_tokens: bool = False
+
     def forward(self, x: Tensor) -> ModelOutput:
         z1, feats1 = self.net_1(x)
         z2, feats2 = self.net_2(x)
         if z1.shape[1] != self.num_classes or z2.shape != z1.shape:
             raise ValueError(f"UCSeg: subnet logits {tuple(z1.shape)} / {tuple(z2.shape)} do not have "
                              f"num_classes={self.num_classes} channels or differ in shape")
+        if self.fused_tokens:
+            u1, u2, A, P = self.upg.forward_fused_tokens(z1, z2)
+            return ModelOutput(z1, list(feats1), z2, list(feats2), P, u1, u2, A)
         u1 = self.uncertainty_fn(z1)
         u2 = self.uncertainty_fn(z2)
         A, P = self.upg(u1, u2, z1, z2)

@@ -467,6 +467,8 @@ def build_model(cfg: Config) -> torch.nn.Module:
     if m.uncertainty == "fused":
         from ..ops import evidential_uncertainty
         model.uncertainty_fn = evidential_uncertainty
+        # both fused: u is written as patch tokens and the head reads A's tokens (no copies)
+        model.fused_tokens = m.upg_head == "fused"
     return model
 
 
