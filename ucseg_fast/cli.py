@@ -209,9 +209,10 @@ def cmd_bench(args, extra) -> int:
                          "'bench e2e')")
     from .train.bench import bench_step
     res = bench_step(steps=args.steps, warmup=args.warmup, phase2=args.phase2, device=args.device,
-                     labeled_bs=args.batch, img=args.img, mode=args.mode,
+                     labeled_bs=args.batch or (2 if args.dims == 3 else 12),
+                     img=args.img or (96 if args.dims == 3 else 256), mode=args.mode,
                      compile_mode=args.compile_mode, compile_backend=args.compile_backend,
-                     nms=not args.no_nms)
+                     nms=not args.no_nms, dims=args.dims)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_prepare)
 
     b = sub.add_parser("bench", help="benchmarks: one training step, or time-to-accuracy",
-                       description="bench step: ms/step of the ACDC-shape step on synthetic "
+                       description="bench step: ms/step of the ACDC-shape (--dims 3: LA-shape) step on synthetic "
                                    "device data. bench e2e: train a preset for --minutes of "
                                    "training time, Dice vs time JSON + PNG in --out (config "
                                    "overrides --section.key=value allowed).")
@@ -325,8 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--phase2", action="store_true")
     b.add_argument("--device", default="auto")
-    b.add_argument("--batch", type=int, default=12, help="labeled (= unlabeled) batch size")
-    b.add_argument("--img", type=int, default=256)
+    b.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                   help="step: 2 = the ACDC recipe's step, 3 = the LA recipe's (3D pair, C = 2; "
+                        "defaults --batch 2 --img 96)")
+    b.add_argument("--batch", type=int, default=None,
+                   help="labeled (= unlabeled) batch size (default 12 in 2D, 2 in 3D)")
+    b.add_argument("--img", type=int, default=None, help="image side (default 256 in 2D, 96 in 3D)")
     b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="small CPU-friendly training run + per-class Dice table")

@@ -1,4 +1,6 @@
-"""One full UC-Seg training step at the ACDC shape on synthetic device data (no I/O)."""
+"""One full UC-Seg training step on synthetic device data (no I/O): the ACDC recipe (2D,
+batch 12+12, 256², 4 classes, softmax) or, with ``dims=3``, the LA recipe (3D, batch 2+2,
+96³, 2 classes, sigmoid, queues of 144)."""
 from __future__ import annotations
 
 import time
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import build_ucseg_2d
+from ..models import build_ucseg_2d, build_ucseg_3d
 from .objective import UCSegObjective
 from .schedules import ScheduleTensors
 
@@ -40,12 +42,34 @@ def synthetic_batch(labeled_bs: int, unlabeled_bs: int, img: int, num_classes: i
                   x[labeled_bs:].to(device))
 
 
+def synthetic_batch_3d(labeled_bs: int, unlabeled_bs: int, img: int, device: torch.device,
+                       seed: int = 0) -> _Batch:
+    """LA-like 3D batch: one ellipsoidal foreground blob per volume, 1 input channel."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B = labeled_bs + unlabeled_bs
+    ax = torch.arange(img, dtype=torch.float32)
+    zz, yy, xx = torch.meshgrid(ax, ax, ax, indexing="ij")
+    labels = torch.zeros(B, img, img, img, dtype=torch.int64)
+    for b in range(B):
+        c = (torch.rand(3, generator=g) * 0.3 + 0.35) * img
+        r = (torch.rand(3, generator=g) * 0.1 + 0.15) * img
+        d = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2
+        labels[b][d < 1] = 1
+    x = (labels.float() + 0.3 * torch.randn(B, img, img, img, generator=g)).unsqueeze(1)
+    return _Batch(x[:labeled_bs].to(device), labels[:labeled_bs].to(device),
+                  x[labeled_bs:].to(device))
+
+
 def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
                device: str | torch.device = "auto", phase2: bool = False, nms: bool = True,
                mode: str = "eager", compile_mode: str = "default",
-               compile_backend: str = "inductor"):
+               compile_backend: str = "inductor", dims: int = 2):
     """(step(batch) -> loss, batch, device): the Trainer's StepRunner around a fresh model;
-    `mode` eager | compile | graph (graph: the first `warmup` calls are eager, then replays)."""
+    `mode` eager | compile | graph (graph: the first `warmup` calls are eager, then replays).
+    ``dims=3``: the LA recipe's step (3D pair, C = 2, sigmoid supervision, queues of 144,
+    phase 2 from 6 000); `num_classes` is then 2."""
+    if dims not in (2, 3):
+        raise ValueError(f"build_step: dims must be 2 or 3, got {dims}")
     from .step import StepRunner, check_graph_capturable, foreach_sgd_step
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
                        else device)
@@ -54,14 +78,21 @@ def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
     torch.manual_seed(0)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = build_ucseg_2d(num_classes=num_classes, img_size=(img, img)).to(dev)
-    mf = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    if dims == 3:
+        model = build_ucseg_3d(num_classes=2, in_channels=1, img_size=(img, img, img)).to(dev)
+        mf = torch.channels_last_3d if dev.type == "cuda" else torch.contiguous_format
+        objective = UCSegObjective(2, nms=nms, supervision="sigmoid", queue_size=144).to(dev)
+        scalars = ScheduleTensors(dev, thr_base=0.2, thr_span=0.56)
+        scalars.update(7000 if phase2 else 3000)
+    else:
+        model = build_ucseg_2d(num_classes=num_classes, img_size=(img, img)).to(dev)
+        mf = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+        objective = UCSegObjective(num_classes, nms=nms).to(dev)
+        scalars = ScheduleTensors(dev)
+        scalars.update(13000 if phase2 else 3000)
     model.to(memory_format=mf)
-    objective = UCSegObjective(num_classes, nms=nms).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5,
                           foreach=True)
-    scalars = ScheduleTensors(dev)
-    scalars.update(13000 if phase2 else 3000)
     gen = torch.Generator(device=dev).manual_seed(1)
     amp = torch.bfloat16 if dev.type == "cuda" else None
 
@@ -76,17 +107,18 @@ def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
 
     def step(batch) -> torch.Tensor:
         return runner(batch, phase2)["L"]
-    batch = synthetic_batch(labeled_bs, labeled_bs, img, num_classes, dev)
+    batch = (synthetic_batch_3d(labeled_bs, labeled_bs, img, dev) if dims == 3
+             else synthetic_batch(labeled_bs, labeled_bs, img, num_classes, dev))
     return step, batch, dev
 
 
 def bench_step(*, steps: int = 20, warmup: int = 5, phase2: bool = False, device="auto",
                labeled_bs: int = 12, img: int = 256, mode: str = "eager",
                compile_mode: str = "default", compile_backend: str = "inductor",
-               nms: bool = True) -> dict:
+               nms: bool = True, dims: int = 2) -> dict:
     step, batch, dev = build_step(labeled_bs=labeled_bs, img=img, device=device, phase2=phase2,
                                   mode=mode, compile_mode=compile_mode,
-                                  compile_backend=compile_backend, nms=nms)
+                                  compile_backend=compile_backend, nms=nms, dims=dims)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(max(warmup, 4 if mode == "graph" else 1)):  # graph: 3 eager + capture
         step(batch)
@@ -105,7 +137,7 @@ def bench_step(*, steps: int = 20, warmup: int = 5, phase2: bool = False, device
     gpu.stop()
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "mode": mode, "phase": 2 if phase2 else 1, "batch": f"{labeled_bs}+{labeled_bs}",
-           "img": img, "nms": nms, "ms_per_step": dt * 1000, "img_per_s": 2 * labeled_bs / dt,
+           "img": img, "dims": dims, "nms": nms, "ms_per_step": dt * 1000, "img_per_s": 2 * labeled_bs / dt,
            "loss": float(loss), "torch": torch.__version__, **tel}  # sync-ok: after timing
     if dev.type == "cuda":
         res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
