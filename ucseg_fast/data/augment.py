@@ -47,6 +47,7 @@ import torch.nn.functional as F
 __all__ = [
     "AugmentParams",
     "apply_params",
+    "apply_stages",
     "augment_2d",
     "draw_params",
     "elastic_fields",
@@ -279,16 +280,22 @@ def draw_params(
 
 # ---------------------------------------------------------------------------- application
 def _sampling_grid(
-    p: AugmentParams, b: int, h: int, w: int, *, elastic_alpha: float, elastic_sigma: float,
-    device: torch.device, dtype: torch.dtype,
+    p: AugmentParams, b: int, h: int, w: int, *, ssr: bool, distortion: bool, elastic_alpha: float,
+    elastic_sigma: float, device: torch.device, dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Composed source position of every output pixel, normalised for ``align_corners=True``."""
+    """Composed source position of every output pixel, normalised for ``align_corners=True``.
+
+    ``ssr`` / ``distortion`` switch the two geometric stages (``distortion`` needs
+    ``p.elastic_noise``). With ``ssr=False`` the shift-scale-rotate fields of ``p`` are not read and
+    the identity takes their place through the same arithmetic (bit-identical to ``ssr_on`` False).
+    """
     xs = torch.arange(w, device=device, dtype=dtype)
     ys = torch.arange(h, device=device, dtype=dtype)
     # q: where the distortion (applied last) samples the shift-scale-rotate output, in pixels.
     qx = xs.expand(b, h, w)
     qy = ys.view(h, 1).expand(b, h, w)
-    if p.elastic_noise is not None:
+    if distortion:
+        assert p.elastic_noise is not None
         gx_BW, gy_BH = grid_distortion_maps(p.steps_x.to(dtype), p.steps_y.to(dtype), h, w, p.steps_x.shape[1] - 1)
         el_B2HW = elastic_fields(p.elastic_noise.to(dtype), h, w, alpha=elastic_alpha, sigma=elastic_sigma)
         sel_grid = (p.distort_on & p.use_grid).view(b, 1)
@@ -301,11 +308,16 @@ def _sampling_grid(
         qy = qy + dgy_BH1 + el_B2HW[:, 1]
     # Inverse of cv2.getRotationMatrix2D(centre, angle, scale) followed by the shift (dx W, dy H):
     # forward dst = s R(angle) (src - c) + c + t  =>  src = R(-angle) (dst - c - t) / s + c.
-    on = p.ssr_on
-    angle = torch.where(on, p.angle_deg.to(dtype), 0.0) * (math.pi / 180.0)
-    scale = torch.where(on, p.scale.to(dtype), 1.0)
-    tx = torch.where(on, p.shift_x.to(dtype) * w, 0.0).view(b, 1, 1)
-    ty = torch.where(on, p.shift_y.to(dtype) * h, 0.0).view(b, 1, 1)
+    if ssr:
+        on = p.ssr_on
+        angle = torch.where(on, p.angle_deg.to(dtype), 0.0) * (math.pi / 180.0)
+        scale = torch.where(on, p.scale.to(dtype), 1.0)
+        tx = torch.where(on, p.shift_x.to(dtype) * w, 0.0).view(b, 1, 1)
+        ty = torch.where(on, p.shift_y.to(dtype) * h, 0.0).view(b, 1, 1)
+    else:  # exactly the values the branch above gives for ssr_on False
+        angle = torch.zeros(b, device=device, dtype=dtype)
+        scale = torch.ones(b, device=device, dtype=dtype)
+        tx = ty = torch.zeros(b, 1, 1, device=device, dtype=dtype)
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0  # pixel-centre convention: rotate about the middle pixel
     cos = (torch.cos(angle) / scale).view(b, 1, 1)
     sin = (torch.sin(angle) / scale).view(b, 1, 1)
@@ -313,6 +325,105 @@ def _sampling_grid(
     sx = cos * ux - sin * uy + cx
     sy = sin * ux + cos * uy + cy
     return torch.stack((sx * (2.0 / (w - 1)) - 1.0, sy * (2.0 / (h - 1)) - 1.0), dim=-1)
+
+
+def _flip_stage(
+    x: torch.Tensor, y: torch.Tensor | None, p: AugmentParams
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # Exact pixel permutations, before any resampling (as in the reference).
+    b, bl = x.shape[0], 0 if y is None else y.shape[0]
+    x = torch.where(p.hflip.view(b, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(p.vflip.view(b, 1, 1, 1), x.flip(-2), x)
+    if y is not None:
+        y = torch.where(p.hflip[:bl].view(bl, 1, 1), y.flip(-1), y)
+        y = torch.where(p.vflip[:bl].view(bl, 1, 1), y.flip(-2), y)
+    return x, y
+
+
+def _geometry_stage(
+    x: torch.Tensor, y: torch.Tensor | None, p: AugmentParams, *, ssr: bool, distortion: bool,
+    elastic_alpha: float, elastic_sigma: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shift-scale-rotate and/or the OneOf distortion, composed into one ``grid_sample``."""
+    b, _, h, w = x.shape
+    bl = 0 if y is None else y.shape[0]
+    if ssr and distortion:
+        geo_on = p.ssr_on | p.distort_on
+    else:
+        geo_on = p.ssr_on if ssr else p.distort_on
+    grid_BHW2 = _sampling_grid(p, b, h, w, ssr=ssr, distortion=distortion, elastic_alpha=elastic_alpha,
+                               elastic_sigma=elastic_sigma, device=x.device, dtype=x.dtype)
+    warped = F.grid_sample(x, grid_BHW2, mode="bilinear", padding_mode="reflection", align_corners=True)
+    # Samples without geometry keep their exact pixels (grid_sample's identity is not bit-exact).
+    x = torch.where(geo_on.view(b, 1, 1, 1), warped, x)
+    if y is not None and bl > 0:
+        # Nearest sampling returns stored values only, so labels stay in the class set.
+        y_warped = F.grid_sample(
+            y.to(x.dtype).unsqueeze(1), grid_BHW2[:bl], mode="nearest", padding_mode="reflection", align_corners=True
+        ).squeeze(1)
+        y = torch.where(geo_on[:bl].view(bl, 1, 1), y_warped.round().to(y.dtype), y)
+    return x, y
+
+
+def _dropout_stage(
+    x: torch.Tensor, y: torch.Tensor | None, p: AugmentParams
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CoarseDropout: image holes 0, label holes background (0)."""
+    b, _, h, w = x.shape
+    bl = 0 if y is None else y.shape[0]
+    dev, cdt = x.device, x.dtype
+    max_holes = p.hole_y.shape[1]
+    slot = torch.arange(max_holes, device=dev, dtype=cdt)
+    active_BK = p.dropout_on.view(b, 1) & (slot.view(1, -1) < p.n_holes.to(cdt).view(b, 1))
+    y1, x1 = p.hole_y.to(cdt).unsqueeze(-1), p.hole_x.to(cdt).unsqueeze(-1)
+    rows = torch.arange(h, device=dev, dtype=cdt).view(1, 1, h)
+    cols = torch.arange(w, device=dev, dtype=cdt).view(1, 1, w)
+    rows_BKH = ((rows >= y1) & (rows < y1 + p.hole_h) & active_BK.unsqueeze(-1)).to(cdt)
+    cols_BKW = ((cols >= x1) & (cols < x1 + p.hole_w)).to(cdt)
+    # Union of up to max_holes rectangles as one batched outer product (count > 0).
+    hole_BHW = torch.bmm(rows_BKH.transpose(1, 2), cols_BKW) > 0.5
+    x = x.masked_fill(hole_BHW.unsqueeze(1), 0.0)
+    if y is not None and bl > 0:
+        y = y.masked_fill(hole_BHW[:bl], 0)  # holes are labelled background
+    return x, y
+
+
+def apply_stages(
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    params: AugmentParams,
+    *,
+    flips: bool = True,
+    ssr: bool = True,
+    distortion: bool = True,
+    dropout: bool = True,
+    elastic_alpha: float = 1.0,
+    elastic_sigma: float = 50.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply the chosen stages of `AugmentParams`, in the reference's order (flips ->
+    shift-scale-rotate -> OneOf(grid distortion | elastic) -> CoarseDropout).
+
+    A stage switched off here is the identity whatever ``params`` say, and its fields are not
+    read. Shift-scale-rotate and distortion, when both on, are composed into one resampling (as
+    `apply_params`); called separately they are two resamplings, each with the reflect-101
+    border (the reference's way). A backend that already applied flips and shift-scale-rotate
+    (DALI) runs ``apply_stages(x, y, p, flips=False, ssr=False)`` for the rest, with the same ``p``;
+    where ``ssr_on`` is False for every sample, that equals `apply_params` bit for bit.
+    Inputs as `apply_params`.
+    """
+    _check_inputs(images, labels)
+    cdt = torch.float64 if images.dtype == torch.float64 else torch.float32
+    p = params
+    x, y = images.to(cdt), labels
+    if flips and p.flips:
+        x, y = _flip_stage(x, y, p)
+    distort = distortion and p.elastic_noise is not None
+    if p.geometry and (ssr or distort):
+        x, y = _geometry_stage(x, y, p, ssr=ssr, distortion=distort, elastic_alpha=elastic_alpha,
+                               elastic_sigma=elastic_sigma)
+    if dropout and p.dropout and p.hole_y.shape[1] > 0 and p.hole_h > 0 and p.hole_w > 0:
+        x, y = _dropout_stage(x, y, p)
+    return x.to(images.dtype).contiguous(), (None if y is None else y.contiguous())
 
 
 def apply_params(
@@ -324,53 +435,7 @@ def apply_params(
     elastic_sigma: float = 50.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply `AugmentParams` to ``images [B, C, H, W]`` and ``labels [Bl <= B, H, W]`` (or None)."""
-    _check_inputs(images, labels)
-    b, _, h, w = images.shape
-    dev = images.device
-    cdt = torch.float64 if images.dtype == torch.float64 else torch.float32
-    bl = 0 if labels is None else labels.shape[0]
-    p = params
-    x, y = images.to(cdt), labels
-
-    if p.flips:
-        # Exact pixel permutations, before any resampling (as in the reference).
-        x = torch.where(p.hflip.view(b, 1, 1, 1), x.flip(-1), x)
-        x = torch.where(p.vflip.view(b, 1, 1, 1), x.flip(-2), x)
-        if y is not None:
-            y = torch.where(p.hflip[:bl].view(bl, 1, 1), y.flip(-1), y)
-            y = torch.where(p.vflip[:bl].view(bl, 1, 1), y.flip(-2), y)
-
-    if p.geometry:
-        geo_on = p.ssr_on | p.distort_on if p.elastic_noise is not None else p.ssr_on
-        grid_BHW2 = _sampling_grid(
-            p, b, h, w, elastic_alpha=elastic_alpha, elastic_sigma=elastic_sigma, device=dev, dtype=cdt
-        )
-        warped = F.grid_sample(x, grid_BHW2, mode="bilinear", padding_mode="reflection", align_corners=True)
-        # Samples without geometry keep their exact pixels (grid_sample's identity is not bit-exact).
-        x = torch.where(geo_on.view(b, 1, 1, 1), warped, x)
-        if y is not None and bl > 0:
-            # Nearest sampling returns stored values only, so labels stay in the class set.
-            y_warped = F.grid_sample(
-                y.to(cdt).unsqueeze(1), grid_BHW2[:bl], mode="nearest", padding_mode="reflection", align_corners=True
-            ).squeeze(1)
-            y = torch.where(geo_on[:bl].view(bl, 1, 1), y_warped.round().to(y.dtype), y)
-
-    max_holes = p.hole_y.shape[1]
-    if p.dropout and max_holes > 0 and p.hole_h > 0 and p.hole_w > 0:
-        slot = torch.arange(max_holes, device=dev, dtype=cdt)
-        active_BK = p.dropout_on.view(b, 1) & (slot.view(1, -1) < p.n_holes.to(cdt).view(b, 1))
-        y1, x1 = p.hole_y.to(cdt).unsqueeze(-1), p.hole_x.to(cdt).unsqueeze(-1)
-        rows = torch.arange(h, device=dev, dtype=cdt).view(1, 1, h)
-        cols = torch.arange(w, device=dev, dtype=cdt).view(1, 1, w)
-        rows_BKH = ((rows >= y1) & (rows < y1 + p.hole_h) & active_BK.unsqueeze(-1)).to(cdt)
-        cols_BKW = ((cols >= x1) & (cols < x1 + p.hole_w)).to(cdt)
-        # Union of up to max_holes rectangles as one batched outer product (count > 0).
-        hole_BHW = torch.bmm(rows_BKH.transpose(1, 2), cols_BKW) > 0.5
-        x = x.masked_fill(hole_BHW.unsqueeze(1), 0.0)
-        if y is not None and bl > 0:
-            y = y.masked_fill(hole_BHW[:bl], 0)  # holes are labelled background
-
-    return x.to(images.dtype).contiguous(), (None if y is None else y.contiguous())
+    return apply_stages(images, labels, params, elastic_alpha=elastic_alpha, elastic_sigma=elastic_sigma)
 
 
 def _check_inputs(images: torch.Tensor, labels: torch.Tensor | None) -> None:

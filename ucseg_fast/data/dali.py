@@ -1,5 +1,5 @@
 """The DALI backend: GPU decoding (``fn.decoders.image(device="mixed")``) and the reference's 2D
-augmentations as DALI operators, producing the same `Batch` as `TrainStream`.
+augmentations (DALI operators, then a torch post-stage), producing the same `Batch` as `TrainStream`.
 
 Two pipeline kinds, both fed by ``fn.external_source`` so that sampling, augmentation
 parameters and resume are *ours* (identical to the torch backend), and only pixels go through
@@ -11,35 +11,47 @@ DALI:
   archive) -> ``fn.decoders.image(device="mixed")`` on a GPU, ``device="cpu"`` without one ->
   OpenCV-rule nearest resize to ``img_size`` (a ``warp_affine`` with NN interpolation).
 
-Augmentation, per sample, in the reference's order: ``fn.flip`` (horizontal, vertical) ->
-``fn.warp_affine`` shift-scale-rotate (bilinear image, **nearest labels**, the same matrix for
-both) -> ``fn.erase`` coarse dropout (5..8 holes, labels set to background). All random
-parameters come from `augment.draw_params` on a CPU ``torch.Generator`` seeded exactly like
-`TrainStream`'s, so with the distortion stage off the DALI and torch backends draw the *same*
-parameters for the same seed (tests compare them pixel for pixel).
+Augmentation, per sample, in the reference's order. In DALI: ``fn.flip`` (horizontal, vertical)
+-> ``fn.warp_affine`` shift-scale-rotate (bilinear image, **nearest labels**, the same matrix for
+both). Then a torch post-stage on the training device, `augment.apply_stages(flips=False,
+ssr=False)`: OneOf(grid distortion | elastic) (``distort_p``; its own resampling with the
+reflect-101 border, nearest labels) -> CoarseDropout (image holes 0, label holes background).
+All random parameters come from ONE `augment.draw_params` call per batch on a CPU
+``torch.Generator`` seeded exactly like `TrainStream`'s, so the DALI and torch backends draw the
+*same* parameters for the same seed; the post-stage gets the very `AugmentParams` object whose
+flips and matrices went into the DALI batch (a FIFO beside the resume snapshots keeps them
+paired through DALI's prefetching). With shift-scale-rotate off the two backends' batches are
+equal pixel for pixel (tests), distortion and dropout included.
 
 Deliberate differences from the torch backend (docs/reference-differences.md material):
 
-* ``GridDistortion`` / ``ElasticTransform`` (``distort_p``) are **not applied**: DALI has no CPU
-  remap and its GPU ``experimental.remap`` only pads with zeros. A warning says so once. (Elastic
-  with sigma 50 is a near no-op; grid distortion moves pixels by at most ~5 % of a cell.)
-* Border: ``warp_affine`` repeats the edge pixel (clamp) where OpenCV/torch reflect (reflect-101).
-* Bilinear weights: DALI's, not torch's exact ones (differences ~1e-6 on [0, 1] images).
+* Two resamplings when shift-scale-rotate and distortion both hit a sample (DALI's warp, then
+  the post-stage's ``grid_sample``), the reference's way; the torch backend composes the two maps
+  into one resampling. Slightly more interpolation blur, labels rounded twice, and the distortion
+  reflects the shift-scale-rotate output at the border (as the reference does).
+* Border of the shift-scale-rotate warp: ``warp_affine`` repeats the edge pixel (clamp) where
+  OpenCV/torch reflect (reflect-101). (The distortion's border is reflect-101, as torch's.)
+* Bilinear weights of that warp: DALI's, not torch's exact ones (differences ~1e-6 on [0, 1]
+  images).
+* The parameters come from a CPU generator on every device (the torch backend draws on the
+  training device's generator), so on CUDA the two backends draw different, equally distributed
+  parameters.
 
 No CUDA at import time: ``nvidia.dali`` is imported when a stream is built. On a machine
 without a GPU (or ``device="cpu"``) the same graph runs with CPU operators (``device_id=None``).
 
 Batches: `DaliTrainStream.next` returns fresh tensors on the training device (``x`` expanded to
-``channels``, ``y`` int64), like `TrainStream`. Resume: DALI prefetches, so the stream keeps a
-snapshot of the sampler/generator state taken *before* each prefetched batch was drawn and
-`state_dict` returns the one of the oldest batch not yet consumed: resume is exact.
+``channels``, ``y`` int64), like `TrainStream`. Resume: DALI prefetches, so the stream keeps, per
+prefetched batch, a snapshot of the sampler/generator state taken *before* it was drawn (plus its
+`AugmentParams` for the post-stage) and `state_dict` returns the one of the oldest batch not yet
+consumed: resume is exact (the post-stage's parameters are redrawn from that state).
 """
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import threading
-import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import AugmentParams, draw_params
+from .augment import AugmentParams, apply_stages, draw_params
 from .batch import Batch
 from .manifest import ManifestStream
 from .sampler import TwoStreamSampler
@@ -102,15 +114,16 @@ def nearest_resize_matrix(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> n
     return np.array([[fx, 0.0, -0.5 * fx + 1e-4], [0.0, fy, -0.5 * fy + 1e-4]], np.float32)
 
 
-def _hole_regions(p: AugmentParams) -> tuple[np.ndarray, np.ndarray]:
-    """``fn.erase`` anchors/shapes ``[B, 2K]`` (y, x pairs); inactive slots get a 0x0 region."""
-    b, k = p.hole_y.shape
-    anchors = np.stack([p.hole_y.numpy(), p.hole_x.numpy()], axis=-1).reshape(b, 2 * k).astype(np.float32)
-    if not p.dropout or k == 0:
-        return anchors, np.zeros_like(anchors)
-    active = p.dropout_on.numpy()[:, None] & (np.arange(k)[None, :] < p.n_holes.numpy()[:, None])
-    shapes = np.stack([active * p.hole_h, active * p.hole_w], axis=-1).reshape(b, 2 * k).astype(np.float32)
-    return anchors, shapes
+# Fields the post-stage (distortion + dropout) reads; only these travel to the training device.
+_POST_FIELDS = ("distort_on", "use_grid", "steps_x", "steps_y", "elastic_noise", "dropout_on", "n_holes",
+                "hole_y", "hole_x")
+
+
+def _post_params_to(p: AugmentParams, device: torch.device) -> AugmentParams:
+    if device.type == "cpu":
+        return p
+    moved = {k: getattr(p, k).to(device, non_blocking=True) for k in _POST_FIELDS if getattr(p, k) is not None}
+    return dataclasses.replace(p, **moved)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -123,17 +136,19 @@ class _Source:
         self.aug = aug
         self.generator = torch.Generator()
         self.generator.manual_seed(_torch_seed(seed, rank))
-        self.snapshots: deque[dict[str, Any]] = deque()
+        # One entry per batch handed to DALI and not yet returned by `_Runner.next`, oldest first:
+        # (resume snapshot taken before it was drawn, its AugmentParams for the post-stage).
+        self.pending: deque[tuple[dict[str, Any], AugmentParams]] = deque()
         self.lock = threading.Lock()
 
-    def _params(self, b: int) -> tuple[list[np.ndarray], ...]:
+    def _params(self, b: int) -> tuple[tuple[list[np.ndarray], ...], AugmentParams]:
+        """DALI's per-sample flip flags and SSR matrices, and the whole `AugmentParams` (one draw)."""
         p = draw_params(b, self.h, self.w, self.generator, device="cpu", **self.aug)
         m = ssr_matrices(p, self.h, self.w)
-        anc, shp = _hole_regions(p)
         hf, vf = p.hflip.numpy().astype(np.int32), p.vflip.numpy().astype(np.int32)
         if not p.flips:
             hf, vf = np.zeros_like(hf), np.zeros_like(vf)
-        return ([np.int32(v) for v in hf], [np.int32(v) for v in vf], list(m), list(anc), list(shp))
+        return ([np.int32(v) for v in hf], [np.int32(v) for v in vf], list(m)), p
 
     def _gen_state(self) -> str:
         return base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii")
@@ -147,13 +162,15 @@ class _Source:
     def restore(self, state: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
-    def draw(self) -> tuple[list[np.ndarray], ...]:
+    def draw(self) -> tuple[tuple[list[np.ndarray], ...], AugmentParams]:
         raise NotImplementedError
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
         with self.lock:
-            self.snapshots.append(self.snapshot())
-            return self.draw()
+            snap = self.snapshot()
+            out, p = self.draw()
+            self.pending.append((snap, p))
+            return out
 
 
 class _CacheSource(_Source):
@@ -170,12 +187,12 @@ class _CacheSource(_Source):
         self.sampler.load_state_dict(dict(state["sampler"]))
         self._set_gen_state(state["generator"])
 
-    def draw(self) -> tuple[list[np.ndarray], ...]:
+    def draw(self) -> tuple[tuple[list[np.ndarray], ...], AugmentParams]:
         lab, unl = next(self.sampler)
         idx = np.concatenate([lab, unl])
         # Same draw shape as TrainStream (labeled + unlabeled together) -> same parameters.
-        hf, vf, m, anc, shp = self._params(len(idx))
-        return ([self.images[i] for i in idx], [self.labels[i] for i in idx], hf, vf, m, anc, shp)
+        (hf, vf, m), p = self._params(len(idx))
+        return ([self.images[i] for i in idx], [self.labels[i] for i in idx], hf, vf, m), p
 
 
 class _EncodedSource(_Source):
@@ -229,35 +246,43 @@ class _EncodedSource(_Source):
         self.manifest.next_image()
         return holder["data"], holder["hw"]
 
-    def draw(self) -> tuple[list[np.ndarray], ...]:
+    def draw(self) -> tuple[tuple[list[np.ndarray], ...], AugmentParams]:
         if self.sampler is not None:
             idx, _ = next(self.sampler)
             items = [self._read(self.files[i]) for i in idx]  # type: ignore[index]
         else:
             items = [self._next_file() for _ in range(self.batch)]
-        hf, vf, m, anc, shp = self._params(self.batch)
+        (hf, vf, m), p = self._params(self.batch)
         rm = [nearest_resize_matrix(hw, (self.h, self.w)) for _, hw in items]
-        return ([d for d, _ in items], rm, hf, vf, m, anc, shp)
+        return ([d for d, _ in items], rm, hf, vf, m), p
 
 
 # ---------------------------------------------------------------------------- pipelines
+# DALI prefetch queue depths (batches in flight beyond the one being consumed). Tests raise the CPU
+# one to check that snapshots and post-stage parameters stay paired with deep prefetching.
+_PREFETCH_DEPTH = 2
+_PREFETCH_DEPTH_CPU = 1
+
+
 def _build(kind: str, source: _Source, *, device_id: int | None, channels: int, img_size: tuple[int, int],
            num_threads: int, seed: int):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
     h, w = img_size
+    depth = _PREFETCH_DEPTH if gpu else _PREFETCH_DEPTH_CPU
+    overlap = gpu or depth > 1
 
     @pipeline_def(batch_size=source.batch, num_threads=num_threads, device_id=device_id, seed=seed,
-                  exec_async=gpu, exec_pipelined=gpu, prefetch_queue_depth=2 if gpu else 1)
+                  exec_async=overlap, exec_pipelined=overlap, prefetch_queue_depth=depth)
     def pipe():
         if kind == "array":
-            x, y, hf, vf, m, anc, shp = fn.external_source(
-                source=source, num_outputs=7, batch=True, layout=["HWC", "HWC", "", "", "", "", ""])
+            x, y, hf, vf, m = fn.external_source(
+                source=source, num_outputs=5, batch=True, layout=["HWC", "HWC", "", "", ""])
             if gpu:
                 x, y = x.gpu(), y.gpu()
         else:
-            enc, rm, hf, vf, m, anc, shp = fn.external_source(source=source, num_outputs=7, batch=True)
+            enc, rm, hf, vf, m = fn.external_source(source=source, num_outputs=5, batch=True)
             x = fn.decoders.image(enc, device="mixed" if gpu else "cpu",
                                   output_type=types.GRAY if channels == 1 else types.RGB)
             # The reference's first transform, Resize(INTER_NEAREST), with OpenCV's index rule.
@@ -266,13 +291,12 @@ def _build(kind: str, source: _Source, *, device_id: int | None, channels: int, 
             y = None
         x = fn.flip(x, horizontal=hf, vertical=vf)
         x = fn.warp_affine(x, matrix=m, interp_type=types.INTERP_LINEAR)
-        x = fn.erase(x, anchor=anc, shape=shp, axis_names="HW", fill_value=0.0)
         x = fn.transpose(x, perm=[2, 0, 1])
+        # Distortion and dropout follow in the torch post-stage (`DaliTrainStream._post`).
         if y is None:
             return x
         y = fn.flip(y, horizontal=hf, vertical=vf)
         y = fn.warp_affine(y, matrix=m, interp_type=types.INTERP_NN)  # labels stay in the class set
-        y = fn.erase(y, anchor=anc, shape=shp, axis_names="HW", fill_value=0)  # holes = background
         return x, y
 
     return pipe()
@@ -285,26 +309,28 @@ class _Runner:
         self.kind, self.source, self.build_kw = kind, source, build_kw
         self.iterator = None
 
-    def next(self) -> list[torch.Tensor]:
+    def next(self) -> tuple[list[torch.Tensor], AugmentParams]:
+        """The next DALI batch and the parameters it was drawn with."""
         if self.iterator is None:
             from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
             names = ["x", "y"] if self.kind == "array" else ["x"]
             pipe = _build(self.kind, self.source, **self.build_kw)
-            # size=-1: the external source never ends; prefetching is accounted for by snapshots.
+            # size=-1: the external source never ends; prefetching is accounted for by `pending`.
             self.iterator = DALIGenericIterator([pipe], names, size=-1, auto_reset=False)
         out = next(self.iterator)[0]
         with self.source.lock:
-            self.source.snapshots.popleft()
-        return [out["x"], out["y"]] if self.kind == "array" else [out["x"]]
+            # DALI returns batches in the order the source produced them: the oldest entry is this one.
+            _, params = self.source.pending.popleft()
+        return ([out["x"], out["y"]] if self.kind == "array" else [out["x"]]), params
 
     def state(self) -> dict[str, Any]:
         with self.source.lock:
-            return self.source.snapshots[0] if self.source.snapshots else self.source.snapshot()
+            return self.source.pending[0][0] if self.source.pending else self.source.snapshot()
 
     def load(self, state: Mapping[str, Any]) -> None:
         with self.source.lock:
-            self.source.snapshots.clear()
+            self.source.pending.clear()
             self.source.restore(state)
         self.iterator = None  # drop prefetched batches; the next call rebuilds the pipeline
 
@@ -322,7 +348,8 @@ class DaliTrainStream:
         unlabeled_files: PNG/JPEG files decoded by DALI (``mixed`` on a GPU) as the unlabeled stream.
         unlabeled_manifest: a `ManifestStream` (already sharded) as the unlabeled stream.
         device: training device; CUDA -> GPU operators on that device, CPU -> ``device_id=None``.
-        augment: `augment_2d` keyword arguments (``distort_p`` is not applied, with a warning).
+        augment: `augment_2d` keyword arguments (all applied: distortion and dropout in the
+            torch post-stage).
         channels: output channels (gray is repeated, as `TrainStream`).
     """
 
@@ -351,12 +378,9 @@ class DaliTrainStream:
         if unknown:
             raise TypeError(f"unknown augmentation option(s) {sorted(unknown)}; known: {sorted(_AUGMENT_KEYS)}")
         aug = dict(augment or {})
-        for k in ("elastic_alpha", "elastic_sigma"):
-            aug.pop(k, None)
-        if aug.get("distort_p", 0.25) > 0:
-            warnings.warn("data.backend = 'dali': grid distortion / elastic (distort_p) are not applied "
-                          "(no DALI remap with reflect border); the other augmentations are", stacklevel=2)
-        aug["distort_p"] = 0.0
+        # draw_params takes every key but elastic_alpha (the post-stage's field amplitude).
+        self._elastic = dict(elastic_alpha=float(aug.pop("elastic_alpha", 1.0)),
+                             elastic_sigma=float(aug.get("elastic_sigma", 50.0)))
         if images_NCHW.dim() == 3:
             images_NCHW = images_NCHW.unsqueeze(1)
         if images_NCHW.dim() != 4 or labels_NHW.shape != images_NCHW.shape[:1] + images_NCHW.shape[2:]:
@@ -409,20 +433,34 @@ class DaliTrainStream:
         return self._img_size
 
     # ------------------------------------------------------------------ batches
-    def _to_device(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+    def _post(self, x_BCHW: torch.Tensor, y_BlHW: torch.Tensor | None, p: AugmentParams,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stages after shift-scale-rotate, on the training device, with the batch's own
+        parameters: OneOf(grid distortion | elastic), then CoarseDropout."""
         x_BCHW = x_BCHW.to(self.device, non_blocking=True)
+        if y_BlHW is not None:
+            y_BlHW = y_BlHW.to(self.device, non_blocking=True)
+        return apply_stages(x_BCHW, y_BlHW, _post_params_to(p, self.device), flips=False, ssr=False,
+                            **self._elastic)
+
+    def _expand(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return x_BCHW.expand(-1, self.channels, -1, -1).contiguous() if x_BCHW.shape[1] == 1 \
             else x_BCHW.contiguous()
 
     def next(self) -> Batch:
         """The next augmented batch on ``device`` (fresh tensors; no host sync on CUDA)."""
-        x_BCHW, y_BHW1 = self._lab.next()
+        (x_BCHW, y_BHW1), p = self._lab.next()
         bl = self.labeled_bs
-        x = self._to_device(x_BCHW)
-        y_l = y_BHW1[:bl, :, :, 0].to(self.device, non_blocking=True).long()
+        x, y_l = self._post(x_BCHW, y_BHW1[:bl, :, :, 0], p)
+        assert y_l is not None
+        x, y_l = self._expand(x), y_l.long()
         if self._unl is None:
             return Batch(x_l=x[:bl], y_l=y_l, x_u=x[bl:])
-        x_u = self._to_device(self._unl.next()[0]) if self.unlabeled_bs > 0 else x[:0]
+        if self.unlabeled_bs > 0:
+            (x_u,), p_u = self._unl.next()
+            x_u = self._expand(self._post(x_u, None, p_u)[0])
+        else:
+            x_u = x[:0]
         return Batch(x_l=x, y_l=y_l, x_u=x_u)
 
     def __iter__(self) -> DaliTrainStream:
