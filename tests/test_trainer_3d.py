@@ -101,3 +101,27 @@ def test_3d_validation_eval_and_predict_cli(la_root, tmp_path, capsys):
         shape = f["image"].shape
     p = np.load(pred)
     assert p.shape == shape and set(np.unique(p)) <= {0, 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["eager", "fused", "graph"])
+def test_3d_training_on_cuda(la_root, tmp_path, variant):
+    """GPU tier: the 3D recipe with the CUDA settings (bf16, channels-last-3d), with the fused
+    UPG / losses, and captured as CUDA graphs (nms off unless the native CC library is built)."""
+    from ucseg_fast.ops.components import _native_cuda
+    over = {"train.device": "'cuda'", "train.amp": "bf16", "train.channels_last": "true",
+            "train.max_iterations": "6", "loss.phase2_start": "3", "train.val_every": "6"}
+    if variant == "fused":
+        over.update({"model.uncertainty": "fused", "model.upg_head": "fused",
+                     "loss.fused_losses": "true"})
+    if variant == "graph":
+        over.update({"train.step_mode": "graph", "train.graph_warmup": "1"})
+        if _native_cuda() is None:
+            over["loss.nms"] = "false"
+    t = Trainer(cfg_for(la_root, tmp_path, **over), log=lambda s: None)
+    res = t.train()
+    ls = losses(tmp_path)
+    assert len(ls) == 6 and all(np.isfinite(ls)), ls
+    assert 0.0 <= res["best_val_dice"] <= 1.0
+    if variant == "graph":
+        assert t.runner.mode == "graph"
