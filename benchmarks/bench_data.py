@@ -20,6 +20,7 @@ provider runs once at tiny sizes (32x32, batch 2 + 2) as a smoke test.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from ucseg_fast.data.factory import ManifestTrainStream, augment_kwargs
 from ucseg_fast.data.manifest import ManifestStream
 from ucseg_fast.data.stream import TrainStream
 
-ACDC_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ACDC"
+ACDC_ROOT = Path(os.environ.get("UCSEG_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")) / "ACDC"
 FULL = {"img": (256, 256), "bl": 12, "bu": 12, "jpeg_hw": (512, 512), "n_jpeg": 48, "n_acdc": 256}
 TINY = {"img": (32, 32), "bl": 2, "bu": 2, "jpeg_hw": (64, 64), "n_jpeg": 6, "n_acdc": 8}
 
@@ -120,9 +121,8 @@ def test_acdc_dali(benchmark, provenance, sizes, augment, acdc_cache):
         pytest.skip(reason)
     from ucseg_fast.data.dali import DaliTrainStream
     x, y, n_l, src = acdc_cache
-    with pytest.warns(UserWarning, match="distort"):
-        s = DaliTrainStream(x, y, n_labeled=n_l, labeled_bs=sizes["bl"], unlabeled_bs=sizes["bu"], seed=0,
-                            device=_device(), augment=augment)
+    s = DaliTrainStream(x, y, n_labeled=n_l, labeled_bs=sizes["bl"], unlabeled_bs=sizes["bu"], seed=0,
+                        device=_device(), augment=augment)
     provenance["data"] = src
     _run(benchmark, provenance, s, sizes, "dali", "acdc", 3)
 
@@ -169,7 +169,6 @@ def test_jpeg_dali_decode(benchmark, provenance, sizes, augment, jpeg_folder):
     from ucseg_fast.data.dali import DaliTrainStream
     x_l, y_l = _labeled_cache(jpeg_folder, sizes)
     files = sorted((jpeg_folder / "unlabeled" / "image").iterdir())
-    with pytest.warns(UserWarning, match="distort"):
-        s = DaliTrainStream(x_l, y_l, n_labeled=x_l.shape[0], labeled_bs=sizes["bl"], unlabeled_bs=sizes["bu"],
-                            seed=0, device=_device(), augment=augment, unlabeled_files=files)
+    s = DaliTrainStream(x_l, y_l, n_labeled=x_l.shape[0], labeled_bs=sizes["bl"], unlabeled_bs=sizes["bu"],
+                        seed=0, device=_device(), augment=augment, unlabeled_files=files)
     _run(benchmark, provenance, s, sizes, "dali", "jpeg", 3)
