@@ -96,8 +96,17 @@ def test_3d_config_errors_name_the_key():
     assert cfg.data.img_size == (32, 32, 32) and cfg.data.labeled_patients == 1
     with pytest.raises(ConfigError, match="img_size"):
         load_config(None, ["--data.img_size=[32,32,32,32]"])
-    with pytest.raises(ConfigError, match="data.format must be 'ssl4mis'"):
+    with pytest.raises(ConfigError, match="data.format must be 'ssl4mis' or 'nifti', got 'folder'"):
         load_config(None, base + ["--data.format=folder"])
+    nii = load_config(None, base + ["--data.format=nifti"])  # NIfTI volumes (MSD / nnU-Net)
+    assert nii.data.format == "nifti" and nii.data.intensity == "auto"
+    with pytest.raises(ConfigError, match="data.val_split = 'test'"):
+        load_config(None, base + ["--data.format=nifti", "--data.val_split=test"])
+    assert load_config(None, base + ["--data.format=nifti", "--data.intensity=none"]).data.intensity == "none"
+    with pytest.raises(ConfigError, match="data.intensity = 'std'; choose one of"):
+        load_config(None, base + ["--data.format=nifti", "--data.intensity=std"])
+    with pytest.raises(ConfigError, match="data.intensity = 'zscore' scales NIfTI volumes only"):
+        load_config(None, base + ["--data.intensity=zscore"])
     with pytest.raises(ConfigError, match="data.backend = 'dali'"):
         load_config(None, base + ["--data.backend=dali"])
     with pytest.raises(ConfigError, match="unlabeled_manifest"):

@@ -123,15 +123,14 @@ def cmd_eval(args, extra) -> int:
     return 0
 
 
-def cmd_predict(args, extra) -> int:
+def read_input(cfg, src: Path):
+    """`predict`'s input as the model reads it: (image, spacing or None, nibabel image or None).
+    `.h5` (dataset `image`) and `.npy` as stored; NIfTI as [Z, Y, X] axial slices for the 2D
+    models and [X, Y, Z] for the 3D one, scaled like the training data when the model was
+    trained on NIfTI (`data.intensity`)."""
     import numpy as np
-    from .eval.inference import save_nifti
     from .eval.protocol import is_3d
-    cfg, meta, device, predict = _load_for_inference(args.checkpoint, extra, args.device)
     three_d = is_3d(cfg)
-    src = Path(args.input)
-    if not src.is_file():
-        raise SystemExit(f"error: input not found: {src}")
     spacing, nii = None, None
     if src.suffix in (".h5", ".hdf5"):
         import h5py
@@ -142,14 +141,34 @@ def cmd_predict(args, extra) -> int:
     elif src.name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
         nii = nib.load(str(src))
-        img = np.asarray(nii.get_fdata(), dtype=np.float32)
-        spacing = tuple(float(s) for s in nii.header.get_zooms()[:3])
-        if not three_d:  # NIfTI is [X, Y, Z]; the 2D network works on axial slices [Z, Y, X]
-            img, spacing = img.transpose(2, 1, 0), spacing[::-1]
+        if cfg.data.format == "nifti":  # the intensity scaling the model was trained with
+            from .data.nifti import NiftiDataset, resolve_intensity
+            dims = 3 if three_d else 2
+            reader = NiftiDataset(None, num_classes=cfg.data.num_classes, dims=dims,
+                                  normalize=resolve_intensity(cfg.data.intensity, dims))
+            img, spacing = reader.read_image(src)  # [X, Y, Z] (3D) / [Z, Y, X] (2D)
+        else:
+            img = np.asarray(nii.get_fdata(), dtype=np.float32)
+            spacing = tuple(float(s) for s in nii.header.get_zooms()[:3])
+            if not three_d:  # NIfTI is [X, Y, Z]; the 2D network works on axial slices [Z, Y, X]
+                img, spacing = img.transpose(2, 1, 0), spacing[::-1]
     elif src.suffix == ".npy":
         img = np.load(src).astype(np.float32)
     else:
         raise SystemExit(f"error: {src}: unsupported input (use .h5 with 'image', .nii[.gz] or .npy)")
+    return img, spacing, nii
+
+
+def cmd_predict(args, extra) -> int:
+    import numpy as np
+    from .eval.inference import save_nifti
+    from .eval.protocol import is_3d
+    cfg, meta, device, predict = _load_for_inference(args.checkpoint, extra, args.device)
+    three_d = is_3d(cfg)
+    src = Path(args.input)
+    if not src.is_file():
+        raise SystemExit(f"error: input not found: {src}")
+    img, spacing, nii = read_input(cfg, src)
     if three_d and img.ndim != 3:
         raise SystemExit(f"error: {src}: the 3D model needs a volume [X, Y, Z], got shape {img.shape}")
     if img.ndim == 2:

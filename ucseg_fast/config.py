@@ -50,6 +50,9 @@ class DataConfig:
     unlabeled_manifest: str = ""
     # Folder masks: "auto" | "index" (class ids) | "binary" (gray/255 > 0.5).
     mask_mode: str = "auto"
+    # NIfTI images, per-volume scaling: "auto" (minmax for 2D, z-score for 3D) | "minmax" |
+    # "zscore" | "none" (the stored values). Other formats are read as stored ("auto" only).
+    intensity: str = "auto"
     # The list validation reads (SSL4MIS: <root>/<val_split>.list). The reference validates
     # ACDC on val.list and LA on test.list.
     val_split: str = "val"
@@ -152,6 +155,7 @@ _CHOICES = {
     ("data", "backend"): ("torch", "dali"),
     ("data", "format"): ("ssl4mis", "folder", "nifti"),
     ("data", "mask_mode"): ("auto", "index", "binary"),
+    ("data", "intensity"): ("auto", "minmax", "zscore", "none"),
     ("model", "uncertainty"): ("torch", "fused"),
     ("model", "upg_head"): ("torch", "fused"),
     ("loss", "pseudo_mode"): ("fusion", "entropy", "fusion+mask"),
@@ -243,11 +247,18 @@ def _validate(cfg: Config, source: str) -> None:
                           f"ACDC split defines {_ALLOWED_LABELED}")
     if d.labeled_patients < 1:
         raise ConfigError(f"{source}: data.labeled_patients must be >= 1")
+    if d.intensity != "auto" and d.format != "nifti":
+        raise ConfigError(f"{source}: data.intensity = {d.intensity!r} scales NIfTI volumes only "
+                          f"(data.format = 'nifti'); data.format = {d.format!r} keeps 'auto'")
     if three_d:
-        if d.format != "ssl4mis":
+        if d.format not in ("ssl4mis", "nifti"):
             raise ConfigError(f"{source}: 3D training (data.img_size {list(d.img_size)}) reads "
-                              f"SSL4MIS / UA-MT HDF5 volumes: data.format must be 'ssl4mis', got "
-                              f"{d.format!r}")
+                              f"SSL4MIS / UA-MT HDF5 or NIfTI volumes: data.format must be "
+                              f"'ssl4mis' or 'nifti', got {d.format!r}")
+        if d.format == "nifti" and d.val_split != "val":
+            raise ConfigError(f"{source}: data.val_split = {d.val_split!r}; a NIfTI set has one "
+                              f"held-out split, 'val' (imagesVal/ + labelsVal/, else imagesTs/ + "
+                              f"labelsTs/): set data.val_split = 'val'")
         if d.backend != "torch":
             raise ConfigError(f"{source}: 3D training has the torch data backend only; "
                               f"data.backend = {d.backend!r}")

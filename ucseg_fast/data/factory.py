@@ -20,6 +20,10 @@ stream (below), three entries ``(X, Y, Z)`` the 3D one (METHOD.md §3, 3D column
   mri_norm2.h5``, ``Pancreas_h5/<case>_norm.h5``, ...). Labeled = the first
   ``labeled_patients`` volumes of ``train.list`` (LA 10 %: 8), the rest unlabeled;
   ``RandomRotFlip`` (off with ``augment = false``) then ``RandomCrop(img_size)``.
+* 3D, ``format="nifti"``: the same stream (`VolumeStream.from_arrays`, cache on the CPU) over
+  ``<root>/imagesTr`` + ``labelsTr`` (`NiftiDataset` with ``dims=3``: volumes ``[X, Y, Z]`` as
+  stored, z-score per volume unless ``data.intensity`` says otherwise): the first
+  ``labeled_patients`` labeled cases are labeled, every other ``imagesTr`` case unlabeled.
 
 2D:
 
@@ -194,10 +198,11 @@ def build_train_stream(
         if manifest is None and not unlabeled_files:
             raise DataError(f"{data.root}: no unlabeled/image files and no data.unlabeled_manifest")
     elif data.format == "nifti":
-        from .nifti import NiftiDataset
+        from .nifti import NiftiDataset, resolve_intensity
 
-        images, labels, n_l = NiftiDataset(data.root, num_classes=data.num_classes).load_slices(
-            data.labeled_patients, size)
+        normalize = resolve_intensity(getattr(data, "intensity", "auto"), 2)
+        images, labels, n_l = NiftiDataset(data.root, num_classes=data.num_classes,
+                                           normalize=normalize).load_slices(data.labeled_patients, size)
         if manifest is not None:
             images, labels = images[:n_l], labels[:n_l]
         elif n_l >= images.shape[0]:
@@ -233,17 +238,29 @@ def build_train_stream(
 
 def _build_volume_stream(data: Any, *, device: torch.device | str, seed: int, rank: int, world_size: int,
                          channels: int) -> VolumeStream:
-    """The 3D branch of `build_train_stream` (UA-MT / SSL4MIS volumes, torch backend only)."""
+    """The 3D branch of `build_train_stream` (UA-MT / SSL4MIS or NIfTI volumes, torch backend only)."""
     size = tuple(int(s) for s in data.img_size)
-    if data.format != "ssl4mis":
+    if data.format not in ("ssl4mis", "nifti"):
         raise ValueError(f"data.format = {data.format!r} with a 3-D data.img_size {size}; 3D training "
-                         f"reads SSL4MIS / UA-MT volumes: format = 'ssl4mis'")
+                         f"reads SSL4MIS / UA-MT or NIfTI volumes: format = 'ssl4mis' or 'nifti'")
     if data.backend != "torch":
         raise ValueError(f"data.backend = {data.backend!r} with a 3-D data.img_size {size}; 3D training "
                          f"has the 'torch' backend only")
     if data.unlabeled_manifest:
         raise ValueError(f"data.unlabeled_manifest = {data.unlabeled_manifest!r} with a 3-D data.img_size "
                          f"{size}; 3D training takes its unlabeled volumes from train.list")
+    if data.format == "nifti":
+        from .nifti import NiftiDataset, resolve_intensity
+
+        nds = NiftiDataset(data.root, num_classes=data.num_classes,
+                           normalize=resolve_intensity(getattr(data, "intensity", "auto"), 3), dims=3)
+        images, labels, n_l, names = nds.load_volumes(int(data.labeled_patients))
+        stream = VolumeStream.from_arrays(
+            images, labels, n_labeled=n_l, labeled_bs=data.labeled_bs, unlabeled_bs=data.unlabeled_bs,
+            seed=seed, device=device, patch_size=size, rank=rank, world_size=world_size,
+            channels=channels, rot_flip=bool(data.augment))
+        stream.names = names
+        return stream
     ds = VolumeDataset(data.root, num_classes=data.num_classes)
     names = ds.train_volumes
     n_l = int(data.labeled_patients)

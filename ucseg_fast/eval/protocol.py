@@ -6,9 +6,11 @@ is scored the same way wherever it is scored:
   (validation) or Dice / Jaccard / HD95 / ASD (evaluation) over classes 1..C-1;
 - image folders: per-image inference at `img_size`, Dice / Jaccard per image (the 2D-generic
   protocol), mean over images;
-- 3D (`data.img_size` of 3 values, SSL4MIS / UA-MT volumes): sliding windows of `img_size`
-  with strides `data.eval_stride_xy` / `eval_stride_z`, mean σ(P)[:, 1] > 0.5, the largest
-  26-connected component, Dice / Jaccard / HD95 / ASD of the foreground per case (METHOD.md §4);
+- 3D (`data.img_size` of 3 values, SSL4MIS / UA-MT or NIfTI volumes [X, Y, Z] as stored):
+  sliding windows of `img_size` with strides `data.eval_stride_xy` / `eval_stride_z`, mean
+  σ(P)[:, 1] > 0.5, the largest 26-connected component, Dice / Jaccard / HD95 / ASD of the
+  foreground per case (METHOD.md §4; NIfTI items carry the header spacing (x, y, z), so
+  distances are in its units, voxels for the HDF5 volumes);
 - `loss.supervision = "sigmoid"`: the prediction is σ(P)[:, 1] > 0.5, otherwise argmax.
 """
 from __future__ import annotations
@@ -31,15 +33,17 @@ def is_3d(cfg) -> bool:
 def open_dataset(cfg) -> Any:
     """The dataset object of `cfg.data` (SSL4MIS slices/volumes, image folder or NIfTI)."""
     dc = cfg.data
+    if dc.format == "nifti":
+        from ..data.nifti import NiftiDataset, resolve_intensity
+        dims = 3 if is_3d(cfg) else 2
+        return NiftiDataset(dc.root, num_classes=dc.num_classes, dims=dims,
+                            normalize=resolve_intensity(getattr(dc, "intensity", "auto"), dims))
     if is_3d(cfg):
         from ..data.volumes import VolumeDataset
         return VolumeDataset(dc.root, num_classes=dc.num_classes)
     if dc.format == "folder":
         from ..data.folders import FolderDataset
         return FolderDataset(dc.root, num_classes=dc.num_classes, mask_mode=dc.mask_mode)
-    if dc.format == "nifti":
-        from ..data.nifti import NiftiDataset
-        return NiftiDataset(dc.root, num_classes=dc.num_classes)
     from ..data.ssl4mis import SSL4MISDataset
     return SSL4MISDataset(dc.root, num_classes=dc.num_classes)
 
@@ -47,10 +51,15 @@ def open_dataset(cfg) -> Any:
 def evaluation_items(cfg, dataset: Any, split: str = "val",
                      limit: int | None = None) -> list[tuple[Any, ...]]:
     """`(name, image, label[, spacing])` items of `split`: volumes [D,H,W] (SSL4MIS, NIfTI),
-    3D volumes [X,Y,Z] as stored (3D recipe) or images [C,H,W] with labels [H,W] (folders).
-    Image folders and NIfTI sets have one held-out split (folders: `val/`; NIfTI:
-    `imagesVal/`, else `imagesTs/`)."""
+    3D volumes [X,Y,Z] as stored (3D recipe; NIfTI: with spacing (x, y, z), label int64) or
+    images [C,H,W] with labels [H,W] (folders). Image folders and NIfTI sets (2D and 3D) have
+    one held-out split (folders: `val/`; NIfTI: `imagesVal/`, else `imagesTs/`)."""
     fmt = cfg.data.format
+    if fmt == "nifti":
+        if split != "val":
+            raise ValueError(f"{dataset.root}: NIfTI sets have one held-out split ('val': "
+                             f"imagesVal/, else imagesTs/), not {split!r}")
+        return dataset.val_volumes(limit)
     if is_3d(cfg):
         names = dataset.volumes(split)[:limit]
         if not names:
@@ -66,11 +75,6 @@ def evaluation_items(cfg, dataset: Any, split: str = "val",
         if not items:
             raise FileNotFoundError(f"{dataset.root / 'val' / 'image'}: no validation images")
         return items
-    if fmt == "nifti":
-        if split != "val":
-            raise ValueError(f"{dataset.root}: NIfTI sets have one held-out split ('val': "
-                             f"imagesVal/, else imagesTs/), not {split!r}")
-        return dataset.val_volumes(limit)
     names = dataset.volumes(split)[:limit]
     return [(n, *dataset.read_volume(n)) for n in names]
 
