@@ -107,8 +107,10 @@ def test_3d_config_errors_name_the_key():
         load_config(None, base + ["--data.format=nifti", "--data.intensity=std"])
     with pytest.raises(ConfigError, match="data.intensity = 'zscore' scales NIfTI volumes only"):
         load_config(None, base + ["--data.intensity=zscore"])
-    with pytest.raises(ConfigError, match="data.backend = 'dali'"):
-        load_config(None, base + ["--data.backend=dali"])
+    # both data backends build the 3D stream (VolumeStream / DaliVolumeStream)
+    assert load_config(None, base + ["--data.backend=dali"]).data.backend == "dali"
+    with pytest.raises(ConfigError, match="data.backend = 'opencv'; choose one of"):
+        load_config(None, base + ["--data.backend=opencv"])
     with pytest.raises(ConfigError, match="unlabeled_manifest"):
         load_config(None, base + ["--data.unlabeled_manifest=list.txt"])
     with pytest.raises(ConfigError, match="supervision = 'softmax'"):

@@ -345,8 +345,8 @@ def test_factory_builds_volume_stream(tmp_path):
     b = s.next()
     assert b.x_l.shape == b.x_u.shape == (1, 1, 8, 8, 8) and b.y_l.shape == (1, 8, 8, 8)
     assert not build_train_stream(_cfg(root, augment=False), device="cpu", seed=0, channels=1).rot_flip
-    with pytest.raises(ValueError, match="data.backend = 'dali'"):
-        build_train_stream(_cfg(root, backend="dali"), device="cpu", seed=0)
+    with pytest.raises(ValueError, match="data.backend = 'opencv'"):  # 'dali' is built (tests/test_dali3d.py)
+        build_train_stream(_cfg(root, backend="opencv"), device="cpu", seed=0)
     with pytest.raises(ValueError, match="data.format = 'folder'"):
         build_train_stream(_cfg(root, format="folder"), device="cpu", seed=0)
     with pytest.raises(ValueError, match="data.unlabeled_manifest = 'u.txt'"):

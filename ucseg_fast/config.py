@@ -259,8 +259,8 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: data.val_split = {d.val_split!r}; a NIfTI set has one "
                               f"held-out split, 'val' (imagesVal/ + labelsVal/, else imagesTs/ + "
                               f"labelsTs/): set data.val_split = 'val'")
-        if d.backend != "torch":
-            raise ConfigError(f"{source}: 3D training has the torch data backend only; "
+        if d.backend not in ("torch", "dali"):  # both build the 3D stream (VolumeStream / DaliVolumeStream)
+            raise ConfigError(f"{source}: 3D training has the 'torch' and 'dali' data backends; "
                               f"data.backend = {d.backend!r}")
         if d.unlabeled_manifest:
             raise ConfigError(f"{source}: data.unlabeled_manifest is a 2D (slice/image) source; "

@@ -127,19 +127,45 @@ def _post_params_to(p: AugmentParams, device: torch.device) -> AugmentParams:
 
 
 # ---------------------------------------------------------------------------- sources
-class _Source:
-    """Host-side producer of one pipeline's inputs; its state is snapshotted per batch."""
+class _SnapshotSource:
+    """Host-side producer of one pipeline's inputs (the ``fn.external_source`` callable); its
+    state is snapshotted per batch. Subclasses: `snapshot`, `restore`, `draw` (also the 3D
+    backend, `dali3d`)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        # One entry per batch handed to DALI and not yet returned by `_Runner.next`, oldest first:
+        # (resume snapshot taken before it was drawn, what `draw` returned beside the data: the
+        # AugmentParams for the 2D post-stage).
+        self.pending: deque[tuple[dict[str, Any], Any]] = deque()
+        self.lock = threading.Lock()
+
+    def snapshot(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def draw(self) -> tuple[tuple[list[np.ndarray], ...], Any]:
+        raise NotImplementedError
+
+    def __call__(self) -> tuple[list[np.ndarray], ...]:
+        with self.lock:
+            snap = self.snapshot()
+            out, p = self.draw()
+            self.pending.append((snap, p))
+            return out
+
+
+class _Source(_SnapshotSource):
+    """2D producer: parameters from one `draw_params` call per batch on a CPU torch generator."""
 
     def __init__(self, batch: int, img_size: tuple[int, int], seed: int, rank: int, aug: dict[str, Any]) -> None:
-        self.batch = batch
+        super().__init__(batch)
         self.h, self.w = img_size
         self.aug = aug
         self.generator = torch.Generator()
         self.generator.manual_seed(_torch_seed(seed, rank))
-        # One entry per batch handed to DALI and not yet returned by `_Runner.next`, oldest first:
-        # (resume snapshot taken before it was drawn, its AugmentParams for the post-stage).
-        self.pending: deque[tuple[dict[str, Any], AugmentParams]] = deque()
-        self.lock = threading.Lock()
 
     def _params(self, b: int) -> tuple[tuple[list[np.ndarray], ...], AugmentParams]:
         """DALI's per-sample flip flags and SSR matrices, and the whole `AugmentParams` (one draw)."""
@@ -155,22 +181,6 @@ class _Source:
 
     def _set_gen_state(self, s: str) -> None:
         self.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8))
-
-    def snapshot(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        raise NotImplementedError
-
-    def draw(self) -> tuple[tuple[list[np.ndarray], ...], AugmentParams]:
-        raise NotImplementedError
-
-    def __call__(self) -> tuple[list[np.ndarray], ...]:
-        with self.lock:
-            snap = self.snapshot()
-            out, p = self.draw()
-            self.pending.append((snap, p))
-            return out
 
 
 class _CacheSource(_Source):
@@ -264,17 +274,22 @@ _PREFETCH_DEPTH = 2
 _PREFETCH_DEPTH_CPU = 1
 
 
+def _queue_kw(gpu: bool) -> dict[str, Any]:
+    """``pipeline_def`` executor/queue arguments (read at build time, so tests can patch the depths)."""
+    depth = _PREFETCH_DEPTH if gpu else _PREFETCH_DEPTH_CPU
+    overlap = gpu or depth > 1
+    return dict(exec_async=overlap, exec_pipelined=overlap, prefetch_queue_depth=depth)
+
+
 def _build(kind: str, source: _Source, *, device_id: int | None, channels: int, img_size: tuple[int, int],
            num_threads: int, seed: int):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
     h, w = img_size
-    depth = _PREFETCH_DEPTH if gpu else _PREFETCH_DEPTH_CPU
-    overlap = gpu or depth > 1
 
     @pipeline_def(batch_size=source.batch, num_threads=num_threads, device_id=device_id, seed=seed,
-                  exec_async=overlap, exec_pipelined=overlap, prefetch_queue_depth=depth)
+                  **_queue_kw(gpu))
     def pipe():
         if kind == "array":
             x, y, hf, vf, m = fn.external_source(
@@ -303,26 +318,31 @@ def _build(kind: str, source: _Source, *, device_id: int | None, channels: int, 
 
 
 class _Runner:
-    """One DALI pipeline + iterator, built lazily (and rebuilt after a resume)."""
+    """One DALI pipeline + iterator, built lazily (and rebuilt after a resume).
 
-    def __init__(self, kind: str, source: _Source, **build_kw: Any) -> None:
+    ``build(source, **build_kw)`` makes the pipeline (default: `_build` of ``kind``), whose
+    outputs are ``names`` (default: ``x, y`` for ``array``, ``x`` for ``encoded``)."""
+
+    def __init__(self, kind: str, source: _SnapshotSource, *, build: Any = None,
+                 names: Sequence[str] | None = None, **build_kw: Any) -> None:
         self.kind, self.source, self.build_kw = kind, source, build_kw
+        self.build = build if build is not None else (lambda src, **kw: _build(kind, src, **kw))
+        self.names = list(names) if names is not None else (["x", "y"] if kind == "array" else ["x"])
         self.iterator = None
 
-    def next(self) -> tuple[list[torch.Tensor], AugmentParams]:
+    def next(self) -> tuple[list[torch.Tensor], Any]:
         """The next DALI batch and the parameters it was drawn with."""
         if self.iterator is None:
             from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-            names = ["x", "y"] if self.kind == "array" else ["x"]
-            pipe = _build(self.kind, self.source, **self.build_kw)
+            pipe = self.build(self.source, **self.build_kw)
             # size=-1: the external source never ends; prefetching is accounted for by `pending`.
-            self.iterator = DALIGenericIterator([pipe], names, size=-1, auto_reset=False)
+            self.iterator = DALIGenericIterator([pipe], self.names, size=-1, auto_reset=False)
         out = next(self.iterator)[0]
         with self.source.lock:
             # DALI returns batches in the order the source produced them: the oldest entry is this one.
             _, params = self.source.pending.popleft()
-        return ([out["x"], out["y"]] if self.kind == "array" else [out["x"]]), params
+        return [out[n] for n in self.names], params
 
     def state(self) -> dict[str, Any]:
         with self.source.lock:
@@ -330,8 +350,8 @@ class _Runner:
 
     def load(self, state: Mapping[str, Any]) -> None:
         with self.source.lock:
+            self.source.restore(state)  # first: a rejected state leaves the runner as it was
             self.source.pending.clear()
-            self.source.restore(state)
         self.iterator = None  # drop prefetched batches; the next call rebuilds the pipeline
 
 

@@ -15,11 +15,13 @@ Every returned stream has ``next()``, ``__next__``, ``state_dict()``, ``load_sta
 The length of ``data.img_size`` picks the dimensionality: two entries ``(H, W)`` build a 2D
 stream (below), three entries ``(X, Y, Z)`` the 3D one (METHOD.md §3, 3D column):
 
-* 3D: ``format="ssl4mis"``, ``backend="torch"``, no ``unlabeled_manifest``: a `VolumeStream`
-  over the UA-MT / SSL4MIS volume folder (`VolumeDataset`: LA ``2018LA_Seg_Training Set/<case>/
+* 3D: ``format="ssl4mis"``, no ``unlabeled_manifest``: a `VolumeStream` over the UA-MT /
+  SSL4MIS volume folder (`VolumeDataset`: LA ``2018LA_Seg_Training Set/<case>/
   mri_norm2.h5``, ``Pancreas_h5/<case>_norm.h5``, ...). Labeled = the first
   ``labeled_patients`` volumes of ``train.list`` (LA 10 %: 8), the rest unlabeled;
   ``RandomRotFlip`` (off with ``augment = false``) then ``RandomCrop(img_size)``.
+  ``backend="dali"``: a `DaliVolumeStream` (`dali3d`), the same draws and batches with the
+  crop / rotation / flip done by DALI operators (GPU operators on a CUDA device).
 * 3D, ``format="nifti"``: the same stream (`VolumeStream.from_arrays`, cache on the CPU) over
   ``<root>/imagesTr`` + ``labelsTr`` (`NiftiDataset` with ``dims=3``: volumes ``[X, Y, Z]`` as
   stored, z-score per volume unless ``data.intensity`` says otherwise): the first
@@ -168,7 +170,7 @@ def build_train_stream(
 
     Returns:
         `TrainStream`, `ManifestTrainStream` or `DaliTrainStream` (2-entry ``img_size``);
-        `VolumeStream` (3-entry ``img_size``).
+        `VolumeStream` or `DaliVolumeStream` (3-entry ``img_size``).
     """
     if len(data.img_size) == 3:
         return _build_volume_stream(data, device=device, seed=seed, rank=rank, world_size=world_size,
@@ -238,14 +240,21 @@ def build_train_stream(
 
 def _build_volume_stream(data: Any, *, device: torch.device | str, seed: int, rank: int, world_size: int,
                          channels: int) -> VolumeStream:
-    """The 3D branch of `build_train_stream` (UA-MT / SSL4MIS or NIfTI volumes, torch backend only)."""
+    """The 3D branch of `build_train_stream` (UA-MT / SSL4MIS or NIfTI volumes): a `VolumeStream`
+    (``backend="torch"``) or a `DaliVolumeStream` (``backend="dali"``: same draws and batches,
+    geometry by DALI operators)."""
     size = tuple(int(s) for s in data.img_size)
     if data.format not in ("ssl4mis", "nifti"):
         raise ValueError(f"data.format = {data.format!r} with a 3-D data.img_size {size}; 3D training "
                          f"reads SSL4MIS / UA-MT or NIfTI volumes: format = 'ssl4mis' or 'nifti'")
-    if data.backend != "torch":
-        raise ValueError(f"data.backend = {data.backend!r} with a 3-D data.img_size {size}; 3D training "
-                         f"has the 'torch' backend only")
+    if data.backend not in ("torch", "dali"):
+        raise ValueError(f"data.backend = {data.backend!r} with a 3-D data.img_size {size}; choose "
+                         f"'torch' or 'dali'")
+    cls: type[VolumeStream] = VolumeStream
+    if data.backend == "dali":
+        from .dali3d import DaliVolumeStream  # nvidia.dali itself is imported when the stream is built
+
+        cls = DaliVolumeStream
     if data.unlabeled_manifest:
         raise ValueError(f"data.unlabeled_manifest = {data.unlabeled_manifest!r} with a 3-D data.img_size "
                          f"{size}; 3D training takes its unlabeled volumes from train.list")
@@ -255,7 +264,7 @@ def _build_volume_stream(data: Any, *, device: torch.device | str, seed: int, ra
         nds = NiftiDataset(data.root, num_classes=data.num_classes,
                            normalize=resolve_intensity(getattr(data, "intensity", "auto"), 3), dims=3)
         images, labels, n_l, names = nds.load_volumes(int(data.labeled_patients))
-        stream = VolumeStream.from_arrays(
+        stream = cls.from_arrays(
             images, labels, n_labeled=n_l, labeled_bs=data.labeled_bs, unlabeled_bs=data.unlabeled_bs,
             seed=seed, device=device, patch_size=size, rank=rank, world_size=world_size,
             channels=channels, rot_flip=bool(data.augment))
@@ -267,9 +276,9 @@ def _build_volume_stream(data: Any, *, device: torch.device | str, seed: int, ra
     if not 1 <= n_l < len(names):
         raise DataError(f"{data.root}: train.list has {len(names)} volumes; data.labeled_patients = "
                         f"{data.labeled_patients} must be in [1, {len(names) - 1}] to leave unlabeled data")
-    return VolumeStream(ds, n_labeled=n_l, labeled_bs=data.labeled_bs, unlabeled_bs=data.unlabeled_bs,
-                        seed=seed, device=device, patch_size=size, rank=rank, world_size=world_size,
-                        channels=channels, rot_flip=bool(data.augment))
+    return cls(ds, n_labeled=n_l, labeled_bs=data.labeled_bs, unlabeled_bs=data.unlabeled_bs,
+               seed=seed, device=device, patch_size=size, rank=rank, world_size=world_size,
+               channels=channels, rot_flip=bool(data.augment))
 
 
 def _from_cache(images: torch.Tensor, labels: torch.Tensor, n_l: int, unlabeled_bs: int,
