@@ -28,6 +28,7 @@ __all__ = [
     "cv2_nearest_indices",
     "labeled_slice_count",
     "patient_of",
+    "read_h5_pair",
     "resize_nearest",
     "slices_of_first_patients",
 ]
@@ -113,6 +114,54 @@ def _clean_name(line: str) -> str:
     return name[:-3] if name.endswith(".h5") else name
 
 
+def read_h5_pair(path: Path, ndim: int, num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The validated ``image`` / ``label`` pair of one SSL4MIS / UA-MT HDF5 file: image float32,
+    label in its stored integer dtype (int64 for integral floats). Every problem is a
+    `DataError` (FileNotFoundError for a missing file) naming the file: unreadable HDF5, a
+    missing dataset, not ``ndim``-D, shapes differing, an empty array, a non-numeric or
+    non-finite image, non-integer labels, a label outside ``[0, num_classes)``."""
+    import h5py  # lazy: the rest of the data package (sampler, augmentation) runs without it
+
+    if not path.is_file():
+        raise FileNotFoundError(f"HDF5 file not found: {path}")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    arrays: dict[str, np.ndarray] = {}
+    with h5:
+        for key in ("image", "label"):
+            node = h5.get(key)
+            if not isinstance(node, h5py.Dataset):
+                raise DataError(f"{path}: missing dataset '{key}' (found: {sorted(h5.keys())})")
+            try:
+                arrays[key] = np.asarray(node[()])
+            except (OSError, ValueError, TypeError) as exc:
+                raise DataError(f"{path}: cannot read dataset '{key}' ({exc})") from exc
+    image, label = arrays["image"], arrays["label"]
+    if image.ndim != ndim or label.ndim != ndim:
+        raise DataError(
+            f"{path}: expected {ndim}-D 'image' and 'label', got shapes {image.shape} and {label.shape}"
+        )
+    if image.shape != label.shape:
+        raise DataError(f"{path}: 'image' shape {image.shape} != 'label' shape {label.shape}")
+    if min(image.shape) < 1:
+        raise DataError(f"{path}: empty array of shape {image.shape}")
+    if not (np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.integer)):
+        raise DataError(f"{path}: 'image' has non-numeric dtype {image.dtype}")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise DataError(f"{path}: 'image' holds NaN or infinite values")
+    if not np.issubdtype(label.dtype, np.integer):
+        if not np.issubdtype(label.dtype, np.floating) or not np.array_equal(label, np.round(label)):
+            raise DataError(f"{path}: 'label' must hold integer class ids, got dtype {label.dtype}")
+        label = label.astype(np.int64)
+    lo, hi = int(label.min()), int(label.max())
+    if lo < 0 or (num_classes is not None and hi >= num_classes):
+        bad = lo if lo < 0 else hi
+        raise DataError(f"{path}: 'label' value {bad} outside [0, num_classes={num_classes})")
+    return image.astype(np.float32, copy=False), label
+
+
 class SSL4MISDataset:
     """Reader of one SSL4MIS-layout folder (ACDC).
 
@@ -175,47 +224,7 @@ class SSL4MISDataset:
 
     # ------------------------------------------------------------------ reading
     def _read(self, path: Path, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw validated arrays: image float32, label in its stored integer dtype."""
-        import h5py  # lazy: the rest of the data package (sampler, augmentation) runs without it
-
-        if not path.is_file():
-            raise FileNotFoundError(f"HDF5 file not found: {path}")
-        try:
-            h5 = h5py.File(path, "r")
-        except OSError as exc:
-            raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
-        arrays: dict[str, np.ndarray] = {}
-        with h5:
-            for key in ("image", "label"):
-                node = h5.get(key)
-                if not isinstance(node, h5py.Dataset):
-                    raise DataError(f"{path}: missing dataset '{key}' (found: {sorted(h5.keys())})")
-                try:
-                    arrays[key] = np.asarray(node[()])
-                except (OSError, ValueError, TypeError) as exc:
-                    raise DataError(f"{path}: cannot read dataset '{key}' ({exc})") from exc
-        image, label = arrays["image"], arrays["label"]
-        if image.ndim != ndim or label.ndim != ndim:
-            raise DataError(
-                f"{path}: expected {ndim}-D 'image' and 'label', got shapes {image.shape} and {label.shape}"
-            )
-        if image.shape != label.shape:
-            raise DataError(f"{path}: 'image' shape {image.shape} != 'label' shape {label.shape}")
-        if not (np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.integer)):
-            raise DataError(f"{path}: 'image' has non-numeric dtype {image.dtype}")
-        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-            raise DataError(f"{path}: 'image' holds NaN or infinite values")
-        if not np.issubdtype(label.dtype, np.integer):
-            if not np.issubdtype(label.dtype, np.floating) or not np.array_equal(label, np.round(label)):
-                raise DataError(f"{path}: 'label' must hold integer class ids, got dtype {label.dtype}")
-            label = label.astype(np.int64)
-        if label.size:
-            lo, hi = int(label.min()), int(label.max())
-            if lo < 0:
-                raise DataError(f"{path}: 'label' has negative value {lo}")
-            if self.num_classes is not None and hi >= self.num_classes:
-                raise DataError(f"{path}: 'label' value {hi} >= num_classes={self.num_classes}")
-        return image.astype(np.float32, copy=False), label
+        return read_h5_pair(path, ndim, self.num_classes)
 
     def read_slice(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """One training slice at its stored size: image float32 ``[H, W]``, label int64 ``[H, W]``."""

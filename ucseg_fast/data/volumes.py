@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ssl4mis import DataError
+from .ssl4mis import DataError, read_h5_pair
 
 __all__ = ["VolumeDataset", "VolumeNotFoundError"]
 
@@ -114,45 +114,7 @@ class VolumeDataset:
         return images, labels
 
     def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        """Validated arrays: image float32, label in its stored integer dtype (or int64)."""
-        import h5py  # lazy: the rest of the data package runs without it
-
-        try:
-            h5 = h5py.File(path, "r")
-        except OSError as exc:
-            raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
-        arrays: dict[str, np.ndarray] = {}
-        with h5:
-            for key in ("image", "label"):
-                node = h5.get(key)
-                if not isinstance(node, h5py.Dataset):
-                    raise DataError(f"{path}: missing dataset '{key}' (found: {sorted(h5.keys())})")
-                try:
-                    arrays[key] = np.asarray(node[()])
-                except (OSError, ValueError, TypeError) as exc:
-                    raise DataError(f"{path}: cannot read dataset '{key}' ({exc})") from exc
-        image, label = arrays["image"], arrays["label"]
-        if image.ndim != 3 or label.ndim != 3:
-            raise DataError(
-                f"{path}: expected 3-D 'image' and 'label', got shapes {image.shape} and {label.shape}"
-            )
-        if image.shape != label.shape:
-            raise DataError(f"{path}: 'image' shape {image.shape} != 'label' shape {label.shape}")
-        if min(image.shape) < 1:
-            raise DataError(f"{path}: empty volume of shape {image.shape}")
-        if not (np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.integer)):
-            raise DataError(f"{path}: 'image' has non-numeric dtype {image.dtype}")
-        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-            raise DataError(f"{path}: 'image' holds NaN or infinite values")
-        if not np.issubdtype(label.dtype, np.integer):
-            if not np.issubdtype(label.dtype, np.floating) or not np.array_equal(label, np.round(label)):
-                raise DataError(f"{path}: 'label' must hold integer class ids, got dtype {label.dtype}")
-            label = label.astype(np.int64)
-        lo, hi = int(label.min()), int(label.max())
-        if lo < 0 or hi >= self.num_classes:
-            bad = lo if lo < 0 else hi
-            raise DataError(f"{path}: 'label' value {bad} outside [0, num_classes={self.num_classes})")
-        return image.astype(np.float32, copy=False), label
+        return read_h5_pair(path, 3, self.num_classes)
 
     def __repr__(self) -> str:
         return f"VolumeDataset(root={str(self.root)!r}, num_classes={self.num_classes})"
