@@ -13,17 +13,14 @@ from ucseg_fast.train.bench import build_step
 from bench_utils import sync
 
 
-@pytest.mark.filterwarnings("ignore:train.step_mode = 'graph' needs CUDA")
-@pytest.mark.parametrize("mode", ["eager", "compile", "graph"])
-@pytest.mark.parametrize("phase2", [False, True], ids=["phase1", "phase2"])
-def test_step(benchmark, provenance, on_gpu, phase2, mode):
-    bs, img = (12, 256) if on_gpu else (1, 64)
+def _bench_step(benchmark, provenance, on_gpu: bool, *, phase2: bool, mode: str, dims: int,
+                bs: int, img: int) -> None:
     nms = True
     if mode == "graph" and on_gpu:
         from ucseg_fast.ops.components import _native_cuda
         nms = _native_cuda() is not None  # graph capture needs the native CC library
     step, batch, dev = build_step(labeled_bs=bs, img=img, phase2=phase2, mode=mode, nms=nms,
-                                  compile_backend="inductor" if on_gpu else "aot_eager")
+                                  compile_backend="inductor" if on_gpu else "aot_eager", dims=dims)
     for _ in range(5 if on_gpu else 1):
         step(batch)
     sync()
@@ -38,8 +35,9 @@ def test_step(benchmark, provenance, on_gpu, phase2, mode):
     loss = benchmark(target)
     assert torch.isfinite(loss)
     benchmark.extra_info.update(provenance)
-    benchmark.extra_info.update({"batch": f"{bs}+{bs}", "img": img, "mode": mode, "nms": nms,
-                                 "phase": 2 if phase2 else 1})
+    benchmark.extra_info.update({"batch": f"{bs}+{bs}", "img": img if dims == 2 else f"{img}^3",
+                                 "mode": mode, "nms": nms, "phase": 2 if phase2 else 1,
+                                 "dims": dims})
     if on_gpu:
         benchmark.extra_info["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if benchmark.stats is not None:
@@ -49,31 +47,16 @@ def test_step(benchmark, provenance, on_gpu, phase2, mode):
 @pytest.mark.filterwarnings("ignore:train.step_mode = 'graph' needs CUDA")
 @pytest.mark.parametrize("mode", ["eager", "compile", "graph"])
 @pytest.mark.parametrize("phase2", [False, True], ids=["phase1", "phase2"])
+def test_step(benchmark, provenance, on_gpu, phase2, mode):
+    bs, img = (12, 256) if on_gpu else (1, 64)
+    _bench_step(benchmark, provenance, on_gpu, phase2=phase2, mode=mode, dims=2, bs=bs, img=img)
+
+
+@pytest.mark.filterwarnings("ignore:train.step_mode = 'graph' needs CUDA")
+@pytest.mark.parametrize("mode", ["eager", "compile", "graph"])
+@pytest.mark.parametrize("phase2", [False, True], ids=["phase1", "phase2"])
 def test_step_3d(benchmark, provenance, on_gpu, phase2, mode):
     if not on_gpu and mode != "eager":
         pytest.skip("CPU smoke run: the 3D step in eager mode only")
     bs, img = (2, 96) if on_gpu else (1, 32)
-    nms = True
-    if mode == "graph" and on_gpu:
-        from ucseg_fast.ops.components import _native_cuda
-        nms = _native_cuda() is not None
-    step, batch, dev = build_step(labeled_bs=bs, img=img, phase2=phase2, mode=mode, nms=nms,
-                                  compile_backend="inductor" if on_gpu else "aot_eager", dims=3)
-    for _ in range(5 if on_gpu else 1):
-        step(batch)
-    sync()
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-
-    def target():
-        loss = step(batch)
-        sync()
-        return loss
-
-    loss = benchmark(target)
-    assert torch.isfinite(loss)
-    benchmark.extra_info.update(provenance)
-    benchmark.extra_info.update({"batch": f"{bs}+{bs}", "img": f"{img}^3", "mode": mode,
-                                 "nms": nms, "phase": 2 if phase2 else 1, "dims": 3})
-    if on_gpu:
-        benchmark.extra_info["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    _bench_step(benchmark, provenance, on_gpu, phase2=phase2, mode=mode, dims=3, bs=bs, img=img)
