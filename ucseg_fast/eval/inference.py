@@ -170,30 +170,50 @@ def evaluate_volumes(predict_fn: PredictFn,
       items; a per-item spacing overrides ``spacing`` (use it with ``mode="strict"``).
     save_dir: when given, writes ``<name>_pred/_img/_gt.nii.gz`` (needs nibabel).
     """
+    def predict(name: str, image: Any) -> torch.Tensor:
+        return predict_volume(predict_fn, image, img_size=img_size, batch_size=batch_size,
+                              device=device, in_channels=in_channels)
+
+    return score_items(volumes, predict, num_classes, spacing=spacing, mode=mode,
+                       dice_only=dice_only, save_dir=save_dir, save=save_nifti, what="volume")
+
+
+def score_items(items: Iterable[tuple[Any, ...]], predict: Callable[[str, Any], torch.Tensor],
+                num_classes: int, *, spacing: float | Sequence[float] | None, mode: Mode,
+                dice_only: bool, save_dir: str | Path | None,
+                save: Callable[[Path, Any, Any], None], what: str = "volume",
+                ndim: int | None = None, empty_pred_distance: float = 0.0) -> EvaluationResult:
+    """The scoring loop shared by the volume protocols: per ``(name, image, label[, spacing])``
+    item, ``predict(name, image)`` → class map, `segmentation_metrics` against the label (a
+    per-item spacing overrides ``spacing``), optional ``<name>_pred/_img/_gt.nii.gz`` through
+    ``save(path, array, spacing)``; the mean over items in ``summary``."""
     names: list[str] = []
     results: list[SegmentationMetrics] = []
-    for item in volumes:
+    for item in items:
         if len(item) not in (3, 4):
-            raise ValueError(f"volume items must be (name, image, label[, spacing]); got "
+            raise ValueError(f"{what} items must be (name, image, label[, spacing]); got "
                              f"{len(item)} fields")
         name, image, label = str(item[0]), item[1], item[2]
-        vol_spacing = item[3] if len(item) == 4 else spacing
+        item_spacing = item[3] if len(item) == 4 else spacing
         if tuple(np.shape(image)) != tuple(np.shape(label)):
-            raise ValueError(f"volume {name!r}: image shape {tuple(np.shape(image))} != label "
+            raise ValueError(f"{what} {name!r}: image shape {tuple(np.shape(image))} != label "
                              f"shape {tuple(np.shape(label))}")
-        pred = predict_volume(predict_fn, image, img_size=img_size, batch_size=batch_size,
-                              device=device, in_channels=in_channels)
-        results.append(segmentation_metrics(pred, label, num_classes, spacing=vol_spacing,
-                                            mode=mode, distances=not dice_only))
+        if ndim is not None and len(np.shape(image)) != ndim:
+            raise ValueError(f"{what} {name!r}: expected {ndim}-D image and label, got shape "
+                             f"{tuple(np.shape(image))}")
+        pred = predict(name, image)
+        results.append(segmentation_metrics(pred, label, num_classes, spacing=item_spacing,
+                                            mode=mode, distances=not dice_only,
+                                            empty_pred_distance=empty_pred_distance))
         names.append(name)
         if save_dir is not None:
             out = Path(save_dir)
             out.mkdir(parents=True, exist_ok=True)
-            save_nifti(out / f"{name}_pred.nii.gz", pred, vol_spacing)
-            save_nifti(out / f"{name}_img.nii.gz", image, vol_spacing)
-            save_nifti(out / f"{name}_gt.nii.gz", label, vol_spacing)
+            save(out / f"{name}_pred.nii.gz", pred, item_spacing)
+            save(out / f"{name}_img.nii.gz", image, item_spacing)
+            save(out / f"{name}_gt.nii.gz", label, item_spacing)
     if not results:
-        raise ValueError("evaluate_volumes got no volumes")
+        raise ValueError(f"no {what}s to evaluate")
     return EvaluationResult(names=tuple(names), per_volume=tuple(results),
                             summary=mean_over_volumes(results))
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from ..ops.components import largest_component
-from .inference import EvaluationResult, PredictFn, _resolve_device, save_nifti
-from .metrics import Mode, SegmentationMetrics, mean_over_volumes, segmentation_metrics
+from .inference import EvaluationResult, PredictFn, _resolve_device, save_nifti, score_items
+from .metrics import Mode
 
 __all__ = [
     "EMPTY_PRED_DISTANCE_3D",
@@ -205,34 +205,11 @@ def evaluate_cases_3d(predict_fn: PredictFn, items: Iterable[tuple[Any, ...]], *
     ``avg_dice`` etc.). save_dir: writes ``<name>_pred/_img/_gt.nii.gz`` (needs nibabel), axes
     (x, y, z) = the array's (X, Y, Z) as the reference writes them.
     """
-    names: list[str] = []
-    results: list[SegmentationMetrics] = []
-    for item in items:
-        if len(item) not in (3, 4):
-            raise ValueError(f"case items must be (name, image, label[, spacing]); got "
-                             f"{len(item)} fields")
-        name, image, label = str(item[0]), item[1], item[2]
-        case_spacing = item[3] if len(item) == 4 else spacing
-        if tuple(np.shape(image)) != tuple(np.shape(label)):
-            raise ValueError(f"case {name!r}: image shape {tuple(np.shape(image))} != label "
-                             f"shape {tuple(np.shape(label))}")
-        if len(np.shape(image)) != 3:
-            raise ValueError(f"case {name!r}: expected [X, Y, Z] image and label, got shape "
-                             f"{tuple(np.shape(image))}")
-        pred = predict_case_3d(predict_fn, image, patch=patch, stride_xy=stride_xy,
+    def predict(name: str, image: Any) -> torch.Tensor:
+        return predict_case_3d(predict_fn, image, patch=patch, stride_xy=stride_xy,
                                stride_z=stride_z, nms=nms, batch_size=batch_size, device=device,
                                in_channels=in_channels)
-        results.append(segmentation_metrics(pred, label, 2, spacing=case_spacing, mode=mode,
-                                            distances=not dice_only,
-                                            empty_pred_distance=EMPTY_PRED_DISTANCE_3D))
-        names.append(name)
-        if save_dir is not None:
-            out = Path(save_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            _save_case(out / f"{name}_pred.nii.gz", pred, case_spacing)
-            _save_case(out / f"{name}_img.nii.gz", image, case_spacing)
-            _save_case(out / f"{name}_gt.nii.gz", label, case_spacing)
-    if not results:
-        raise ValueError("evaluate_cases_3d got no cases")
-    return EvaluationResult(names=tuple(names), per_volume=tuple(results),
-                            summary=mean_over_volumes(results))
+
+    return score_items(items, predict, 2, spacing=spacing, mode=mode, dice_only=dice_only,
+                       save_dir=save_dir, save=_save_case, what="case", ndim=3,
+                       empty_pred_distance=EMPTY_PRED_DISTANCE_3D)
