@@ -100,6 +100,39 @@ def test_compile_matches_eager(eager_run, mode_runs):
         torch.testing.assert_close(state[k], ref_state[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+
+def test_compile_matches_eager_over_20_steps(tmp_path):
+    """The acceptance length: 20 steps on fixed seeds, the phase switch at step 10.
+
+    AOTAutograd's decomposed backward rounds differently from eager (~1e-7 relative, see
+    test_compile_matches_eager); SGD then amplifies that rounding step by step on this tiny,
+    noisy problem (batch 1 + 1 at 32², BatchNorm on one image), measured on 2026-11-26: every
+    term within 3e-7 relative for steps 0-10, the total loss L within 3e-5 relative up to step
+    19 while single terms drift to ~1.5e-3 and a few small weights to ~1e-2 relative. The test
+    holds each phase to what rounding explains: every term as rounding through the phase
+    switch, then L (the quantity that is optimised) at 1e-4 relative, the weights at 5e-2 of
+    each tensor's scale. A real difference (a term missing, a wrong weight, a stale buffer)
+    moves these by orders of magnitude more."""
+    runs = {}
+    for mode, over in (("eager", {}), ("compile", MODE_OVERRIDES["compile"])):
+        tr = Trainer(tiny_cfg(_acdc_root(), tmp_path / mode, **{"loss.phase2_start": "10", **over}),
+                     log=lambda s: None)
+        runs[mode] = run_steps(tr, 20)
+    (losses, state), (ref_losses, ref_state) = runs["compile"], runs["eager"]
+    assert len(losses) == 20 and "mix1" not in losses[9] and "mix1" in losses[10]
+    for t, (got, ref) in enumerate(zip(losses, ref_losses)):
+        assert got.keys() == ref.keys()
+        if t <= 10:
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=f"{k} @ {t}")
+        torch.testing.assert_close(got["L"], ref["L"], rtol=1e-4, atol=0.0, msg=f"L @ {t}")
+    for k, ref in ref_state.items():
+        if ref.is_floating_point():
+            scale = float(ref.abs().max()) + 1e-12
+            assert float((state[k] - ref).abs().max()) <= 5e-2 * scale, k
+        else:
+            assert torch.equal(state[k], ref), k
+
 def test_graph_mode_off_cuda_falls_back_to_eager(eager_run, mode_runs):
     losses, state, _ = mode_runs("graph")
     for got, ref in zip(losses, eager_run[0]):
