@@ -65,19 +65,11 @@ def _provider_fn(provider: str, C: int, dims: int) -> Callable:
     return torch.compile(eager, dynamic=False)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("pass_", ["fwd", "bwd", "fwd_bwd"])
-@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-@pytest.mark.parametrize("shape_name", SHAPE_NAMES)
-def test_upg_head(benchmark, provenance, shape_name, dtype_name, pass_, provider):
-    if provider == "compiled" and not CUDA:
-        pytest.skip("torch.compile provider is GPU-only (Inductor on CPU costs ~30 s per graph)")
-    shape, dtype = UPG_SHAPES[shape_name], _DTYPES[dtype_name]
-    z1, z2, A = _inputs(shape, dtype)
-    ins = [t.requires_grad_(pass_ != "fwd") for t in (z1, z2, A)]
+def _target(fn: Callable, ins: list[torch.Tensor], pass_: str, dtype: torch.dtype) -> Callable:
+    """The timed call of one pass: fwd (no grad), bwd (backward only, graph retained) or
+    fwd_bwd; under bf16 autocast on CUDA for bf16 inputs."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA and dtype == torch.bfloat16 \
         else torch.autocast("cpu", enabled=False)
-    fn = _provider_fn(provider, shape[1], len(shape) - 2)
 
     def fwd():
         with autocast:
@@ -97,7 +89,20 @@ def test_upg_head(benchmark, provenance, shape_name, dtype_name, pass_, provider
         def target():
             P = fwd()
             return torch.autograd.grad(P, ins, torch.ones_like(P))
+    return target
 
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("pass_", ["fwd", "bwd", "fwd_bwd"])
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("shape_name", SHAPE_NAMES)
+def test_upg_head(benchmark, provenance, shape_name, dtype_name, pass_, provider):
+    if provider == "compiled" and not CUDA:
+        pytest.skip("torch.compile provider is GPU-only (Inductor on CPU costs ~30 s per graph)")
+    shape, dtype = UPG_SHAPES[shape_name], _DTYPES[dtype_name]
+    z1, z2, A = _inputs(shape, dtype)
+    ins = [t.requires_grad_(pass_ != "fwd") for t in (z1, z2, A)]
+    target = _target(_provider_fn(provider, shape[1], len(shape) - 2), ins, pass_, dtype)
     info = dict(provenance, op="upg_head", shape=list(shape), dtype=dtype_name, provider=provider,
                 pass_=pass_, backend_ran=("triton" if use_triton(z1) else "torch-sweeps")
                 if provider == "fused" else "torch")
@@ -154,23 +159,7 @@ def test_upg_whole(benchmark, provenance, shape_name, dtype_name, pass_, provide
     shape, dtype = WHOLE_SHAPES[shape_name], _DTYPES[dtype_name]
     z1, z2, _ = _inputs(shape, dtype)
     ins = [t.requires_grad_(pass_ != "fwd") for t in (z1, z2)]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA and dtype == torch.bfloat16 \
-        else torch.autocast("cpu", enabled=False)
-    fn = _whole_fn(provider, shape)
-
-    def fwd():
-        with autocast:
-            return fn(*ins)
-
-    if pass_ == "fwd":
-        def target():
-            with torch.no_grad():
-                return fwd()
-    else:
-        def target():
-            P = fwd()
-            return torch.autograd.grad(P, ins, torch.ones_like(P))
-
+    target = _target(_whole_fn(provider, shape), ins, pass_, dtype)
     info = dict(provenance, op="upg_whole", shape=list(shape), dtype=dtype_name,
                 provider=provider, pass_=pass_)
     measure(benchmark, target, info, rounds=10, iterations=5)

@@ -16,21 +16,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, root: str, out: str, res: str) -> None:
-    import torch.distributed as dist
+def _acdc_cfg(root: str, out: str, **over: str):
     from ucseg_fast.config import load_config
+    ov = {"data.root": f"'{root}'", "data.img_size": "[32,32]", "data.labeled_bs": "1",
+          "data.unlabeled_bs": "1", "train.max_iterations": "2", "train.log_every": "1",
+          "train.val_every": "100", "train.checkpoint_every": "100",
+          "train.max_val_volumes": "1", "train.out_dir": f"'{out}'",
+          "train.progress": "false", "train.amp": "'none'", "train.channels_last": "false",
+          "loss.phase2_start": "1", "loss.queue_size": "16", **over}
+    return load_config(None, [f"--{k}={v}" for k, v in ov.items()])
+
+
+def _la_cfg(root: str, out: str):
+    """The 3D recipe at 32³, batch 1 + 1 (tests/test_trainer_3d.py's settings), 2 iterations."""
+    from test_trainer_3d import cfg_for
+    return cfg_for(root, out, **{"train.max_iterations": "2", "loss.phase2_start": "1"})
+
+
+_CONFIGS = {"acdc": _acdc_cfg, "la": _la_cfg}
+
+
+def _worker(rank: int, world: int, port: int, root: str, out: str, res: str,
+            recipe: str = "acdc") -> None:
+    import torch.distributed as dist
     from ucseg_fast.train import Trainer
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        ov = {"data.root": f"'{root}'", "data.img_size": "[32,32]", "data.labeled_bs": "1",
-              "data.unlabeled_bs": "1", "train.max_iterations": "2", "train.log_every": "1",
-              "train.val_every": "100", "train.checkpoint_every": "100",
-              "train.max_val_volumes": "1", "train.out_dir": f"'{out}'",
-              "train.progress": "false", "train.amp": "'none'", "train.channels_last": "false",
-              "loss.phase2_start": "1", "loss.queue_size": "16"}
-        tr = Trainer(load_config(None, [f"--{k}={v}" for k, v in ov.items()]), log=lambda s: None)
+        tr = Trainer(_CONFIGS[recipe](root, out), log=lambda s: None)
         state = copy.deepcopy(tr.stream.state_dict())
         first = tr.stream.next()  # this rank's first batch, then rewind the stream
         tr.stream.load_state_dict(state)
@@ -42,24 +56,36 @@ def _worker(rank: int, world: int, port: int, root: str, out: str, res: str) -> 
         dist.destroy_process_group()
 
 
-def test_two_process_gloo(acdc_root, tmp_path):
+def _spawn_two(root, tmp_path, recipe: str):
     out, res = tmp_path / "run", tmp_path / "res"
     res.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(acdc_root), str(out), str(res)), nprocs=2,
+    mp.spawn(_worker, args=(2, _free_port(), str(root), str(out), str(res), recipe), nprocs=2,
              join=True)
     r0, r1 = (torch.load(res / f"rank{r}.pt") for r in (0, 1))
     assert not torch.equal(r0["x_l"], r1["x_l"])  # per-rank data streams
     assert r0["params"].keys() == r1["params"].keys()
     for k, v in r0["params"].items():  # gradients were averaged: the replicas never diverge
         assert torch.equal(v, r1["params"][k]), k
+    import json
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["iteration"] for r in recs if "L" in r] == [1, 2]  # one writer: rank 0
+    return out, r0, recs
+
+
+def test_two_process_gloo_3d(tmp_path):
+    """The 3D recipe: each rank crops its own volumes, the replicas stay in lockstep."""
+    from ucseg_fast.data.synthetic import write_synthetic_la
+    root = write_synthetic_la(tmp_path / "la", n_train=3, n_test=1, shape=(40, 36, 34), seed=3)
+    _spawn_two(root, tmp_path, "la")
+
+
+def test_two_process_gloo(acdc_root, tmp_path):
+    out, r0, recs = _spawn_two(acdc_root, tmp_path, "acdc")
     from ucseg_fast.train.checkpoint import load_checkpoint
     tensors, meta = load_checkpoint(out / "last.json")
     assert meta["iteration"] == 2
     for k, v in r0["params"].items():
         assert torch.equal(tensors[f"model.{k}"], v), k
-    import json
-    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
-    assert [r["iteration"] for r in recs if "L" in r] == [1, 2]  # one writer: rank 0
     assert all(r["img_per_s"] > 0 for r in recs if "L" in r)
 
 
@@ -67,18 +93,11 @@ def test_two_process_gloo(acdc_root, tmp_path):
 # exact multi-process resume: 4 straight == 2 + save + resume + 2, on each rank
 # ---------------------------------------------------------------------------------------------
 def _resume_cfg(root: str, out: str):
-    from ucseg_fast.config import load_config
-    ov = {"data.root": f"'{root}'", "data.img_size": "[32,32]", "data.labeled_bs": "1",
-          "data.unlabeled_bs": "1", "train.max_iterations": "4", "train.log_every": "1",
-          "train.val_every": "100", "train.checkpoint_every": "100",
-          "train.max_val_volumes": "1", "train.out_dir": f"'{out}'",
-          "train.progress": "false", "train.amp": "'none'", "train.channels_last": "false",
-          # phase 2 (the copy-paste generator) from iteration 1: every rank-local stream
-          # (data, dropout RNG, mix generator, queues) has moved before the save at 2
-          "loss.phase2_start": "1", "loss.queue_size": "16",
-          # queue gate threshold 0: every step enqueues, so the CCP queues move per rank
-          "loss.gate_base": "0.0", "loss.gate_span": "0.0"}
-    return load_config(None, [f"--{k}={v}" for k, v in ov.items()])
+    # phase 2 (the copy-paste generator) from iteration 1: every rank-local stream (data,
+    # dropout RNG, mix generator, queues) has moved before the save at 2; queue gate threshold
+    # 0: every step enqueues, so the CCP queues move per rank
+    return _acdc_cfg(root, out, **{"train.max_iterations": "4", "loss.gate_base": "0.0",
+                                   "loss.gate_span": "0.0"})
 
 
 def _recording(tr, terms_out: list) -> None:
