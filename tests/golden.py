@@ -7,7 +7,6 @@ README §3), computes probes (§4) and compares values with the README's toleran
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 

@@ -130,7 +130,7 @@ def _medpy_dc(a, b):
 def test_evaluate_images_matches_medpy(binary):
     rng = np.random.default_rng(0)
     C = 2 if binary else 3
-    items, preds = [], []
+    items = []
     for i, (h, w) in enumerate([(20, 30), (40, 40), (33, 17)]):
         items.append((f"im{i}", rng.random((3, h, w), dtype=np.float32), rng.integers(0, C, (h, w))))
     size = (16, 16)

@@ -6,7 +6,6 @@ tolerance class the README gives it. Skips when the golden files are absent.
 from __future__ import annotations
 
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,7 +1,6 @@
 """Unlabeled manifests: lazy streaming, sharding (disjoint, complete), exact resume, corrupt files."""
 from __future__ import annotations
 
-import itertools
 import logging
 import tracemalloc
 

@@ -377,13 +377,6 @@ def test_ucseg3d_fused_head_matches_torch(monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def _zero_grad_by_construction(name: str) -> bool:
-    """Parameters whose gradient is 0 up to roundoff: a conv bias right before an InstanceNorm
-    without affine (the norm removes every per-channel constant) and the attention's key bias
-    (it shifts all scores of a query row alike; softmax is shift-invariant)."""
-    return (name.startswith("net_1.") and name.endswith(".0.bias")) or name == "upg.cross_attn.attn.w_k.bias"
-
-
 @pytest.mark.slow
 def test_ucseg3d_fused_head_backward_matches_torch(monkeypatch):
     """Gradients of Σ P·w through the fused head equal the torch head's, for every parameter

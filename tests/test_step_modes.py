@@ -11,7 +11,6 @@ GPU tier: graph vs eager over steps across the phase switch, and a sync-debug ru
 """
 from __future__ import annotations
 
-import warnings
 from contextlib import nullcontext
 
 import pytest

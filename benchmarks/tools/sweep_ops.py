@@ -1,9 +1,8 @@
 """Temporary GPU sweep: per-kernel GPU time (CUDA-graph replay) for tile/warp variants."""
-import itertools, json, os, sys, time
+import json, os, time
 import torch
 from ucseg_fast.ops import _triton_utils as tu, pseudo_loss as pl
 import ucseg_fast.ops as ops
-from ucseg_fast.ops import reference as R
 
 def gpu_us(fn, reps=10, rounds=5):
     s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())

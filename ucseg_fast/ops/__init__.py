@@ -28,6 +28,7 @@ __all__ = [
     "cross_pseudo_label_loss", "CrossPseudoLabelLoss", "CrossPseudoLoss",
     "evidential_uncertainty", "EvidentialUncertainty",
     "segmentation_loss_terms", "SegmentationLossTerms", "fusion_unsup_losses", "FusionUnsupLosses",
+    "fusion_head", "pack_head_params",
     "connected_components", "largest_component",
     "set_backend", "get_backend", "HAS_TRITON", "reference",
 ]

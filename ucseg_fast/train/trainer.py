@@ -13,7 +13,6 @@ every rank's rank-local state to rank 0, which writes one pair (exact multi-proc
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 import warnings
