@@ -121,3 +121,20 @@ def test_3d_config_errors_name_the_key():
         load_config(None, ["--data.val_split=a/b"])
     with pytest.raises(ConfigError, match="labeled_patients must be >= 1"):
         load_config(None, base + ["--data.labeled_patients=0"])
+
+
+def test_apply_overrides_to_a_loaded_config():
+    from ucseg_fast.config import apply_overrides
+    base = load_config(REPO / "configs" / "acdc_2d.toml")
+    assert apply_overrides(base, []) is base
+    cfg = apply_overrides(base, ["model.upg_head='fused'", "--data.img_size=[64,64]",
+                                 "train.amp=none"])
+    assert (cfg.model.upg_head, cfg.data.img_size, cfg.train.amp) == ("fused", (64, 64), "none")
+    assert cfg.loss == base.loss and cfg.data.root == base.data.root  # the rest kept
+    assert cfg == load_config(REPO / "configs" / "acdc_2d.toml", ["model.upg_head='fused'",
+                                                         "data.img_size=[64,64]", "train.amp=none"]
+                              ) and base.model.upg_head == "torch"
+    with pytest.raises(ConfigError, match="upg_head"):
+        apply_overrides(base, ["model.upg_head='nope'"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        apply_overrides(base, ["upg_head=fused"])

@@ -215,6 +215,8 @@ def cmd_prepare(args, extra) -> int:
 
 
 def cmd_bench(args, extra) -> int:
+    if args.out is None:
+        args.out = f"benchmarks/results/{'curves' if args.what == 'curves' else 'e2e'}"
     if args.what == "e2e":
         from .train.bench import bench_e2e
         cfg = _config(args, extra)
@@ -223,16 +225,49 @@ def cmd_bench(args, extra) -> int:
         print(f"wrote {Path(args.out) / 'dice_vs_time.json'} and "
               f"{Path(args.out) / 'dice_vs_time.png'}")
         return 0
+    if args.what == "curves":
+        return _bench_curves(args, _config(args, extra))
     if extra:
         raise SystemExit(f"error: unrecognised arguments {extra} (config overrides are for "
-                         "'bench e2e')")
+                         "'bench e2e' and 'bench curves')")
     from .train.bench import bench_step
-    res = bench_step(steps=args.steps, warmup=args.warmup, phase2=args.phase2, device=args.device,
+    res = bench_step(steps=args.steps or 20, warmup=args.warmup, phase2=args.phase2, device=args.device,
                      labeled_bs=args.batch or (2 if args.dims == 3 else 12),
                      img=args.img or (96 if args.dims == 3 else 256), mode=args.mode,
                      compile_mode=args.compile_mode, compile_backend=args.compile_backend,
                      nms=not args.no_nms, dims=args.dims)
     print(json.dumps(res, indent=1))
+    return 0
+
+
+def _bench_curves(args, cfg) -> int:
+    """`bench curves`: loss curves of variants from identical seeds (default: the fused UPG
+    against the PyTorch modules, with the bf16-vs-fp32 noise floor of the latter)."""
+    from .train.curves import UPG_VARIANTS, format_comparison, loss_curves, parse_variant
+    from .train.trainer import resolve_device
+    try:
+        variants = dict(parse_variant(v) for v in args.variant)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    noise = args.noise
+    if not variants:
+        variants = dict(UPG_VARIANTS)
+        if cfg.train.amp == "none" or resolve_device(cfg.train.device).type != "cuda":
+            variants.pop("oracle_fp32")  # no autocast here: the fp32 run would be the oracle
+        elif noise is None:
+            noise = "oracle_fp32"
+    steps = args.steps or 200
+    res = loss_curves(cfg, variants, steps=steps, window=args.window, baseline=args.baseline,
+                      noise=noise, factor=args.factor, rtol=args.rtol,
+                      log=lambda s: print(s, flush=True))
+    from .train.curves import write_curves
+    jpath, ppath = write_curves(res, args.out)
+    print(format_comparison(res))
+    print(f"wrote {jpath} and {ppath}")
+    off = [n for n, v in res["comparison"]["variants"].items() if not v["within"]]
+    if off:
+        print(f"not within tolerance: {', '.join(off)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -323,12 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_prepare)
 
-    b = sub.add_parser("bench", help="benchmarks: one training step, or time-to-accuracy",
+    b = sub.add_parser("bench", help="benchmarks: one training step, time-to-accuracy, loss "
+                                     "curves of variants",
                        description="bench step: ms/step of the ACDC-shape (--dims 3: LA-shape) step on synthetic "
                                    "device data. bench e2e: train a preset for --minutes of "
-                                   "training time, Dice vs time JSON + PNG in --out (config "
-                                   "overrides --section.key=value allowed).")
-    b.add_argument("what", choices=("step", "e2e"))
+                                   "training time, Dice vs time JSON + PNG in --out. bench curves: "
+                                   "train variants of a preset from identical seeds for --steps "
+                                   "(default 200) and compare their loss curves (default: the fused "
+                                   "UPG vs the PyTorch modules, with the bf16 noise floor), "
+                                   "curves.json + curves.png in --out; exit 1 when a variant is "
+                                   "not within tolerance. e2e and curves take config overrides "
+                                   "--section.key=value.")
+    b.add_argument("what", choices=("step", "e2e", "curves"))
     b.add_argument("--mode", choices=("eager", "compile", "graph"), default="eager",
                    help="step: how the step runs (e2e: use --train.step_mode=...)")
     b.add_argument("--compile-mode", default="default")
@@ -336,12 +377,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-nms", action="store_true",
                    help="step: pseudo-labels without the largest-component filter")
     b.add_argument("--config", default=str(REPO / "configs" / "acdc_2d.toml"),
-                   help="e2e: TOML preset (default: the ACDC recipe)")
+                   help="e2e / curves: TOML preset (default: the ACDC recipe)")
     b.add_argument("--minutes", type=float, default=10.0, help="e2e: training-time budget")
     b.add_argument("--val-every", type=int, default=None,
                    help="e2e: validate every K iterations (default: the preset's val_every)")
-    b.add_argument("--out", default="benchmarks/results/e2e", help="e2e: output folder")
-    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--out", default=None,
+                   help="e2e / curves: output folder (default benchmarks/results/e2e, "
+                        "benchmarks/results/curves)")
+    b.add_argument("--steps", type=int, default=None,
+                   help="step: timed steps (default 20); curves: steps per variant (default 200)")
+    b.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDES",
+                   help="curves: a variant, e.g. \"fused:model.upg_head='fused' "
+                        "model.uncertainty='fused'\" (repeatable; the first is the baseline "
+                        "unless --baseline)")
+    b.add_argument("--baseline", default=None, help="curves: the variant compared against")
+    b.add_argument("--noise", default=None,
+                   help="curves: the variant whose distance to the baseline is the noise floor")
+    b.add_argument("--window", type=int, default=20, help="curves: steps per window mean")
+    b.add_argument("--factor", type=float, default=2.0,
+                   help="curves: tolerance = max(factor x noise floor, --rtol)")
+    b.add_argument("--rtol", type=float, default=2e-3, help="curves: tolerance without a floor")
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--phase2", action="store_true")
     b.add_argument("--device", default="auto")

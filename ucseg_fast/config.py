@@ -331,12 +331,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{p}: invalid TOML: {e}") from e
         source = str(p)
         _build(data, source)  # report preset errors against the file, before overrides
+    data = _apply(data, overrides)
+    return _build(data, f"{source} + overrides" if overrides else source)
+
+
+def _apply(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     for ov in overrides:
         parts, value = parse_override(ov)
         upd: dict[str, Any] = {parts[0]: value} if len(parts) == 1 else {parts[0]: {parts[1]: value}}
         data = _merge(data, upd)
-        source = f"{source} + overrides"
-    return _build(data, source if overrides else source)
+    return data
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """`cfg` with dotted overrides (as `load_config` takes them) applied and validated."""
+    if not overrides:
+        return cfg
+    return _build(_apply(cfg.to_dict(), overrides), "config + overrides")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
