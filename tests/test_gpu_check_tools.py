@@ -134,6 +134,18 @@ def full_run(tmp_path) -> Path:
                                            img_size=[256, 256], data="random", samples_per_s=2400.0), 0.01)]
     (raw / "data").mkdir()
     (raw / "data" / "bench_data.json").write_text(json.dumps(bench_json(data)))
+    L = [6.0, 6.0, 4.0, 4.0]
+    curves = {"config": "acdc_2d", "device": "NVIDIA H100 80GB HBM3", "steps": 4, "batch": "12+12",
+              "img_size": [256, 256], "amp": "bf16", "phase2_start": 2,
+              "curves": {"oracle": {"ms_per_step": 80.0, "terms": {"L": L}},
+                         "fused": {"ms_per_step": 60.0, "terms": {"L": [6.0, 6.0, 4.4, 4.4]}},
+                         "oracle_fp32": {"ms_per_step": 150.0, "terms": {"L": [6.0, 6.0, 4.04, 4.04]}}},
+              "comparison": {"baseline": "oracle", "noise_variant": "oracle_fp32", "noise_floor": 0.01,
+                             "window": 2, "tolerance": 0.02,
+                             "variants": {"fused": {"deviation": 0.1, "within": False},
+                                          "oracle_fp32": {"deviation": 0.01, "within": True}}}}
+    (raw / "curves").mkdir()
+    (raw / "curves" / "curves.json").write_text(json.dumps(curves))
     return tmp_path / "out"
 
 
@@ -194,6 +206,12 @@ def test_summary_of_a_full_run(full_run, capsys):
     # UPG: × vs compiled, peak memory per provider
     h = row_of(md, "upg_head", "24×4×256×256", "bf16", "fwd_bwd")
     assert "| 8.000 (0.62×) | 5.000 | 2.500 (2.00×) |" in h and "100 / 50 / 25" in h
+
+    # loss curves: window means, deviation from the baseline, the verdict against the floor
+    assert "noise floor 1.00e-02 (`oracle_fp32`); tolerance 2.00e-02" in md
+    assert row_of(md, "oracle") == "| oracle | 80.0 | 6.0000 | 4.0000 | – | baseline |"
+    assert row_of(md, "fused") == "| fused | 60.0 | 6.0000 | 4.4000 | 1.00e-01 | **no** |"
+    assert row_of(md, "oracle_fp32").endswith("| 1.00e-02 | noise floor |")
 
     # data: samples/s and the ratio to the fastest 2D step of the same run (480 img/s)
     d = row_of(md, "acdc", "torch_cache")
@@ -313,7 +331,7 @@ def test_script_syntax_and_plan():
     env = {k: v for k, v in os.environ.items() if k not in ("STAGES", "BUDGET_S", "OUT")}
     plan = subprocess.run(["bash", str(SCRIPT), "--plan"], capture_output=True, text=True, env=env)
     assert plan.returncode == 0
-    for stage in ("deps", "native", "gpu_tests", "step", "ops", "upg", "data"):
+    for stage in ("deps", "native", "gpu_tests", "step", "ops", "upg", "curves", "data"):
         assert f"  {stage} cap " in plan.stdout
     bad = subprocess.run(["bash", str(SCRIPT), "native,nope"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown stage 'nope'" in bad.stderr
@@ -370,3 +388,20 @@ def test_budget_skips_stages_without_aborting(tmp_path):
     assert row_of(md, "env").startswith("| env | ok |")
     for stage in ("step", "ops"):
         assert row_of(md, stage).startswith(f"| {stage} | skipped |") and "budget" in row_of(md, stage)
+
+
+@needs_bash
+@pytest.mark.skipif(not _has_torch(), reason="needs torch")
+def test_smoke_run_curves_stage(tmp_path):
+    """The curves stage on CPU: `bench curves` (2 tiny steps, oracle and fused UPG) on the ACDC
+    subset, its JSON packed and its table in the summary."""
+    from conftest import ACDC_ROOT
+    if not (ACDC_ROOT / "train_slices.list").exists() and not (REPO / ".gpu" / "ACDC").exists():
+        pytest.skip(f"ACDC subset not found at {ACDC_ROOT}")
+    res, out = _smoke(tmp_path, STAGES="curves", UCSEG_DATA=str(ACDC_ROOT.parent))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    md = (out / "summary.md").read_text()
+    assert row_of(md, "curves").startswith("| curves | ok | 0 |"), md
+    assert "| oracle |" in md and row_of(md, "fused").endswith("| yes |")
+    with tarfile.open(out / "gpu_check.tar.gz") as tf:
+        assert {"raw/curves/curves.json", "raw/curves/curves.png", "raw/curves/curves.log"} <= set(tf.getnames())

@@ -125,12 +125,17 @@ def test_compile_matches_eager_over_20_steps(tmp_path):
             for k in ref:
                 torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=f"{k} @ {t}")
         torch.testing.assert_close(got["L"], ref["L"], rtol=1e-4, atol=0.0, msg=f"L @ {t}")
+    assert_weights_close(state, ref_state, 5e-2)
+
+
+def assert_weights_close(state: dict, ref_state: dict, frac: float) -> None:
+    """Every float tensor within `frac` of its own scale (max |ref|); other tensors equal."""
     for k, ref in ref_state.items():
         if ref.is_floating_point():
             scale = float(ref.abs().max()) + 1e-12
-            assert float((state[k] - ref).abs().max()) <= 5e-2 * scale, k
+            assert float((state[k].to(ref.device) - ref).abs().max()) <= frac * scale, k
         else:
-            assert torch.equal(state[k], ref), k
+            assert torch.equal(state[k].to(ref.device), ref), k
 
 def test_graph_mode_off_cuda_falls_back_to_eager(eager_run, mode_runs):
     losses, state, _ = mode_runs("graph")
@@ -215,26 +220,33 @@ def test_graph_guard_names_the_option():
 def _gpu_cfg(root, out, mode, **over):
     from ucseg_fast.ops.components import _native_cuda
     nms = "true" if _native_cuda() is not None else "false"
+    over = {"loss.phase2_start": "6", **over}
     return tiny_cfg(root, out, **{"train.step_mode": f"'{mode}'", "train.device": "'cuda'",
-                                  "loss.phase2_start": "6", "loss.nms": nms,
+                                  "loss.nms": nms,
                                   "data.img_size": "[64,64]", "data.labeled_bs": "2",
                                   "data.unlabeled_bs": "2", **over})
 
 
 @pytest.mark.gpu
 def test_graph_matches_eager_on_gpu(acdc_root, tmp_path):
+    """The acceptance length: 20 steps on fixed seeds, phase switch at 10 (graph mode: 3 eager
+    warm-up steps and a capture per phase, then replays). Replays run the eager kernels, so
+    the only differences are CUDA atomics (e.g. interpolation backward) amplified by SGD: L
+    per step at 1e-4 relative, the weights at 1e-2 of each tensor's scale (the CPU compile
+    test, whose rounding differs everywhere, measured L within 3e-5 and weights within ~1e-2)."""
     # fp32, no cudnn autotuning differences: graph replays must give the eager numbers
     torch.backends.cudnn.deterministic = True
     runs = {}
     for mode in ("eager", "graph"):
-        tr = Trainer(_gpu_cfg(acdc_root, tmp_path / mode, mode), log=lambda s: None)
+        tr = Trainer(_gpu_cfg(acdc_root, tmp_path / mode, mode, **{"loss.phase2_start": "10"}),
+                     log=lambda s: None)
         torch.backends.cudnn.benchmark = False
-        losses, state = run_steps(tr, 12)  # 3 warm-up + graph replays in each phase
+        losses, state = run_steps(tr, 20)
         runs[mode] = ([{k: v.cpu() for k, v in d.items()} for d in losses], state)
+    assert "mix1" not in runs["graph"][0][9] and "mix1" in runs["graph"][0][10]
     for got, ref in zip(runs["graph"][0], runs["eager"][0]):
         torch.testing.assert_close(got["L"], ref["L"], rtol=1e-4, atol=1e-5)
-    for k, v in runs["eager"][1].items():
-        torch.testing.assert_close(runs["graph"][1][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert_weights_close(runs["graph"][1], runs["eager"][1], 1e-2)
 
 
 @pytest.mark.gpu

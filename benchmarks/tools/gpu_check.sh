@@ -18,7 +18,7 @@
 #   One call uses about 9.5 min of the 15 min device budget plus the machine's start (1-3 min):
 #   there is no time for a second full run, so pick STAGES before the call.
 #
-# Stages, in the order given by STAGES (default: deps,native,gpu_tests,step,ops,upg,data; env
+# Stages, in the order given by STAGES (default: deps,native,gpu_tests,step,ops,upg,curves,data; env
 # always runs first). Cap = the stage's default time limit (override: CAP_<STAGE>_S, e.g.
 # CAP_STEP_S=240); "expected" = the estimate on an H100 / H200 (not yet measured as a whole):
 #
@@ -45,6 +45,11 @@
 #                                134 MB copy gives the DRAM copy bandwidth: the smaller tensors
 #                                fit in L2), bf16, compiled reference at acdc_unlabeled
 #   upg           70    40-70 s  bench_upg.py head + whole UPG at acdc and la_3d, bf16
+#   curves       150    60-110 s `bench curves` on .gpu/ACDC, the ACDC recipe: CURVES_STEPS (200)
+#                                steps each of the PyTorch UPG in bf16 (the oracle), the fused
+#                                UPG in bf16 and the oracle in fp32 (the bf16 noise floor), phase 2
+#                                from step CURVES_PHASE2 (100); L window means, fused vs oracle
+#                                judged against the floor (issue #7); skipped without ACDC data
 #   data          25    10-20 s  bench_data.py (torch backend; DALI rows when importable)
 #   native_bench  60    15-30 s  optional: bench_native.py (CC providers, HD95/ASD)
 #   e2e       m*60+150           optional (STAGES=...,e2e or E2E_MINUTES=m): `bench e2e
@@ -103,7 +108,7 @@ SMOKE=${GPU_CHECK_SMOKE:-0}
 # CPU smoke runs share small machines: one intra-op thread avoids oversubscription stalls
 [[ "$SMOKE" == 1 ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 E2E_MINUTES=${E2E_MINUTES:-}
-STAGES=${STAGES:-deps,native,gpu_tests,step,ops,upg,data}
+STAGES=${STAGES:-deps,native,gpu_tests,step,ops,upg,curves,data}
 if [[ -n "$E2E_MINUTES" && "$E2E_MINUTES" != 0 && ",$STAGES," != *",e2e,"* ]]; then
   STAGES="$STAGES,e2e"
 fi
@@ -112,10 +117,10 @@ E2E_MINUTES=${E2E_MINUTES:-3}
 BUDGET_S=${BUDGET_S:-540}
 RESERVE_S=${RESERVE_S:-20}     # kept for the summary and the final pack
 MIN_STAGE_S=${MIN_STAGE_S:-15}
-KNOWN_STAGES="env deps native gpu_tests step ops upg data native_bench e2e"
+KNOWN_STAGES="env deps native gpu_tests step ops upg curves data native_bench e2e"
 
 declare -A DEFAULT_CAP=([env]=20 [deps]=90 [native]=50 [gpu_tests]=100 [step]=190 [ops]=80
-                        [upg]=70 [data]=25 [native_bench]=60 [e2e]=$(( ${E2E_MINUTES%.*} * 60 + 150 )))
+                        [upg]=70 [curves]=150 [data]=25 [native_bench]=60 [e2e]=$(( ${E2E_MINUTES%.*} * 60 + 150 )))
 cap_of() {  # stage -> cap in seconds (CAP_<STAGE>_S overrides)
   local v="CAP_${1^^}_S"
   echo "${!v:-${DEFAULT_CAP[$1]}}"
@@ -285,7 +290,7 @@ if [[ -z "${UCSEG_DATA:-}" && -f .gpu/ACDC/train_slices.list ]]; then
   export UCSEG_DATA="$REPO/.gpu"
 fi
 cleanup() {
-  rm -rf "$TMPW/e2e_run" 2>/dev/null
+  rm -rf "$TMPW/e2e_run" "$TMPW/curves_run" 2>/dev/null
 }
 trap cleanup EXIT
 
@@ -719,6 +724,29 @@ stage_upg() {
   local k=(); [[ -n "${UPG_K:-}" ]] && k=(-k "$UPG_K")
   UCSEG_BENCH_UPG_SHAPES=${UPG_SHAPES:-acdc,la_3d} UCSEG_BENCH_DTYPES=${UPG_DTYPES:-bf16} \
     pytest_bench upg benchmarks/bench_upg.py --benchmark-only "${k[@]}"
+}
+
+stage_curves() {
+  mkdir -p "$RAW/curves"
+  local acdc="${UCSEG_DATA:-$REPO/../shared/data}/ACDC" over=() rc steps=${CURVES_STEPS:-200}
+  if [[ ! -f "$acdc/train_slices.list" ]]; then
+    STAGE_STATUS=skipped; STAGE_NOTE="no ACDC copy at $acdc (carry .gpu/ACDC)"; return 0
+  fi
+  over=(--loss.phase2_start="${CURVES_PHASE2:-100}")
+  if [[ "$SMOKE" == 1 ]]; then  # CPU: the fused kernels run in the interpreter, 2 tiny steps
+    over=(--data.img_size='[32,32]' --data.labeled_bs=1 --data.unlabeled_bs=1 --train.amp="'none'"
+          --train.channels_last=false --loss.queue_size=16 --loss.phase2_start=1 --window 1)
+    steps=2
+  fi
+  # exit 1 = a variant outside the tolerance: the files and the table still come back
+  tmo_run 100000 -k 20 -- "$PY" -m ucseg_fast.cli bench curves --config configs/acdc_2d.toml --steps "$steps" \
+    --out "$TMPW/curves_run" --data.root="'$acdc'" --train.out_dir="'$TMPW/curves_run/run'" "${over[@]}" \
+    > "$RAW/curves/curves.log" 2>&1; rc=$?
+  cp "$TMPW/curves_run/curves.json" "$TMPW/curves_run/curves.png" "$RAW/curves/" 2>/dev/null
+  show_tail "$RAW/curves/curves.log" 8
+  STAGE_NOTE="$steps steps per variant on $acdc"
+  (( rc == 1 )) && STAGE_NOTE="$STAGE_NOTE; fused NOT within tolerance"
+  return $rc
 }
 
 stage_data() {

@@ -8,8 +8,8 @@
 Reads what the stages wrote: raw/stages.tsv, env.json, native/status.json + ctest.log,
 gpu_tests/junit.xml (or the verbose pytest.log when the XML is missing), step/*.json (CLI JSON of
 `ucseg-fast bench step`) + step/runs.tsv and any pytest-benchmark JSON of bench_step,
-ops/bench_ops.json, upg/bench_upg.json, data/bench_data.json, native_bench/bench_native.json,
-e2e/dice_vs_time.json. Ratios always compare rows measured in the same run: step modes against
+ops/bench_ops.json, upg/bench_upg.json, curves/curves.json (`ucseg-fast bench curves`),
+data/bench_data.json, native_bench/bench_native.json, e2e/dice_vs_time.json. Ratios always compare rows measured in the same run: step modes against
 eager of the same dims and phase, ops against `reference_compiled` (CUDA-graph providers against
 `reference_compiled_graph` when present) of the same op / shape / dtype / pass, UPG providers
 against `compiled`. A stage that left nothing is reported as "not run" (or with its status).
@@ -28,8 +28,9 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-STAGE_ORDER = ["env", "deps", "native", "gpu_tests", "step", "ops", "upg", "data", "native_bench", "e2e"]
-DEFAULT_STAGES = ["env", "native", "gpu_tests", "step", "ops", "upg", "data"]
+STAGE_ORDER = ["env", "deps", "native", "gpu_tests", "step", "ops", "upg", "curves", "data", "native_bench",
+               "e2e"]
+DEFAULT_STAGES = ["env", "native", "gpu_tests", "step", "ops", "upg", "curves", "data"]
 MODE_ORDER = {"eager": 0, "compile": 1, "graph": 2}
 OPS_PROVIDERS = ["reference_eager", "reference_compiled", "reference_compiled_graph", "ours",
                  "ours_fused", "ours_fused_graph"]
@@ -463,6 +464,36 @@ class Run:
                        r.get("_rounds", DASH)] for r in rows])
         return out
 
+    def curves(self) -> list[str] | None:
+        f = self.raw / "curves" / "curves.json"
+        if not f.is_file() and "curves" not in self.stages:
+            return None
+        out = ["## Loss curves of variants (`bench curves`: fused UPG vs the PyTorch modules)", ""]
+        d = load_json(f)
+        if not isinstance(d, dict) or not isinstance(d.get("comparison"), dict):
+            return out + [self.stage_line("curves", "raw/curves/curves.log")]
+        c = d["comparison"]
+        w = c.get("window") or 1
+        floor = c.get("noise_floor")
+        out.append(f"{d.get('config')} on {d.get('device')}, {d.get('steps')} steps, batch {d.get('batch')}, "
+                   f"img {shape_str(d.get('img_size'))}, amp {d.get('amp')}, phase 2 from {d.get('phase2_start')}; "
+                   f"L means over {w}-step windows relative to `{c.get('baseline')}`; noise floor "
+                   + (f"{floor:.2e} (`{c.get('noise_variant')}`)" if isinstance(floor, (int, float)) else "none")
+                   + f"; tolerance {num(c.get('tolerance'), '.2e')}")
+        rows = []
+        for name, cv in (d.get("curves") or {}).items():
+            L = (cv.get("terms") or {}).get("L") or []
+            wm = [sum(L[i:i + w]) / w for i in range(0, len(L) - w + 1, w)] or ([sum(L) / len(L)] if L else [])
+            v = (c.get("variants") or {}).get(name)
+            verdict = ("baseline" if v is None else "noise floor" if name == c.get("noise_variant")
+                       else "yes" if v.get("within") else "**no**")
+            rows.append([name, num(cv.get("ms_per_step"), ".1f"), num(wm[0], ".4f") if wm else DASH,
+                         num(wm[-1], ".4f") if wm else DASH,
+                         DASH if v is None else num(v.get("deviation"), ".2e"), verdict])
+        out += [""] + table(["variant", "ms/step", "L first window", "L last window",
+                             "max rel. deviation of L", "within"], rows)
+        return out
+
     def e2e(self) -> list[str] | None:
         f = self.raw / "e2e" / "dice_vs_time.json"
         if not f.is_file() and "e2e" not in self.stages:
@@ -486,7 +517,7 @@ class Run:
         """The summary; `key_last`: the per-op tables first and the header, stages, GPU tests and
         step table last (a console that keeps only the end of the output keeps those)."""
         key = [self.header, self.stage_table, self.gpu_tests, self.step]
-        rest = [self.ops, self.upg, self.data, self.native_bench, self.e2e]
+        rest = [self.ops, self.upg, self.curves, self.data, self.native_bench, self.e2e]
         parts = rest + key if key_last else key + rest
         out: list[str] = []
         for fn in parts:
