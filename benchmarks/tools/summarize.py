@@ -141,6 +141,39 @@ def last_error(path: Path, width: int = 150) -> str:
     return lines[-1][:width] if lines else ""
 
 
+def e2e_speed(path: Path) -> str | None:
+    """One line from the trainer's metrics.jsonl (log windows): step time, the data wait per step
+    and GPU utilisation over the windows after the first (cuDNN autotuning / graph capture)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    recs = []
+    for ln in lines:
+        try:
+            r = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and isinstance(r.get("step_ms"), (int, float)):
+            recs.append(r)
+    if len(recs) > 1:
+        recs = recs[1:]
+    if not recs:
+        return None
+
+    def stat(key):
+        v = [float(r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+        return (sum(v) / len(v), max(v)) if v else None
+    step, wait, util = stat("step_ms"), stat("data_wait_ms"), stat("gpu_util")
+    out = f"Training windows after the first ({len(recs)}): step {step[0]:.1f} ms mean"
+    if wait:
+        out += (f"; **data wait per step {wait[0]:.2f} ms mean, {wait[1]:.2f} ms max** "
+                f"({100 * wait[0] / max(step[0], 1e-9):.1f}% of the step)")
+    if util:
+        out += f"; GPU utilisation {util[0]:.0f}% mean"
+    return out
+
+
 def bench_rows(path: Path) -> list[dict]:
     """pytest-benchmark JSON -> rows: extra_info + name + params + median_ms (stats median)."""
     data = load_json(path)
@@ -506,6 +539,9 @@ class Run:
                    f"img {shape_str(d.get('img_size'))}: {d.get('iterations')} iterations in "
                    f"{num(d.get('train_s'))} s of training ({d.get('minutes')} min budget); best validation Dice "
                    f"**{num(d.get('best_val_dice'), '.4f')}** at iteration {d.get('best_iteration')}")
+        speed = e2e_speed(self.raw / "e2e" / "metrics.jsonl")
+        if speed:
+            out += ["", speed]
         curve = d.get("curve") or []
         if curve:
             out += [""] + table(["iteration", "train s", "val Dice"],
