@@ -10,7 +10,8 @@ bar is about), which backend ran.
 
 GPU: `pytest benchmarks/bench_upg.py --benchmark-only --benchmark-json=r.json`
 (UCSEG_BENCH_DTYPES="bf16,fp32", UCSEG_BENCH_UPG_SHAPES="acdc,la_3d");
-knobs of the fused op: UCSEG_UPG_BLOCK_S, UCSEG_UPG_DOT=ieee|tf32, UCSEG_UPG_FWD_PROGRAMS,
+knobs of the fused op: UCSEG_UPG_BLOCK_S, UCSEG_UPG_DOT=auto|ieee|tf32 (auto: tf32 for bf16,
+recorded as extra_info dot_precision), UCSEG_UPG_FWD_PROGRAMS,
 UCSEG_UPG_BWD_PROGRAMS. CPU smoke: `pytest benchmarks/bench_upg.py --benchmark-disable`.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from ucseg_fast.models.upg import FusedFusionHead, FusionHead
 from ucseg_fast.ops._triton_utils import use_triton
+from ucseg_fast.ops.upg_head import dot_precision
 
 from bench_utils import measure
 
@@ -106,6 +108,8 @@ def test_upg_head(benchmark, provenance, shape_name, dtype_name, pass_, provider
     info = dict(provenance, op="upg_head", shape=list(shape), dtype=dtype_name, provider=provider,
                 pass_=pass_, backend_ran=("triton" if use_triton(z1) else "torch-sweeps")
                 if provider == "fused" else "torch")
+    if provider == "fused":
+        info["dot_precision"] = dot_precision(z1)
     measure(benchmark, target, info, rounds=10, iterations=5)
 
 
@@ -162,4 +166,6 @@ def test_upg_whole(benchmark, provenance, shape_name, dtype_name, pass_, provide
     target = _target(_whole_fn(provider, shape), ins, pass_, dtype)
     info = dict(provenance, op="upg_whole", shape=list(shape), dtype=dtype_name,
                 provider=provider, pass_=pass_)
+    if provider == "fused_tokens":
+        info["dot_precision"] = dot_precision(z1)
     measure(benchmark, target, info, rounds=10, iterations=5)

@@ -127,7 +127,7 @@ def full_run(tmp_path) -> Path:
     head = dict(op="upg_head", shape=[24, 4, 256, 256], dtype="bf16", pass_="fwd_bwd")
     upg = [("h-eager", dict(head, provider="eager", peak_mem_mb=100.0), 8e-3),
            ("h-comp", dict(head, provider="compiled", peak_mem_mb=50.0), 5e-3),
-           ("h-fused", dict(head, provider="fused", peak_mem_mb=25.0), 2.5e-3)]
+           ("h-fused", dict(head, provider="fused", peak_mem_mb=25.0, dot_precision="tf32"), 2.5e-3)]
     (raw / "upg").mkdir()
     (raw / "upg" / "bench_upg.json").write_text(json.dumps(bench_json(upg)))
     data = [("test_acdc_torch_cache", dict(provider="torch_cache", workload="acdc", batch=24,
@@ -216,6 +216,7 @@ def test_summary_of_a_full_run(full_run, capsys):
     # UPG: × vs compiled, peak memory per provider
     h = row_of(md, "upg_head", "24×4×256×256", "bf16", "fwd_bwd")
     assert "| 8.000 (0.62×) | 5.000 | 2.500 (2.00×) |" in h and "100 / 50 / 25" in h
+    assert "Fused head dot products: tf32 for bf16." in md
 
     # loss curves: window means, deviation from the baseline, the verdict against the floor
     assert "noise floor 1.00e-02 (`oracle_fp32`); tolerance 2.00e-02" in md

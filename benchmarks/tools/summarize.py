@@ -459,6 +459,9 @@ class Run:
                      + ["peak MB (" + " / ".join(provs) + ")"], trows)
         out += ["", "(×) = compiled median / provider median, same op, shape, dtype and pass in this run "
                     "(> 1: faster); peak MB above the inputs."]
+        precs = sorted({(str(r.get("dtype")), str(r["dot_precision"])) for r in rows if r.get("dot_precision")})
+        if precs:
+            out.append("Fused head dot products: " + ", ".join(f"{p} for {d}" for d, p in precs) + ".")
         return out
 
     # -------------------------------------------------------------------- data

@@ -33,9 +33,21 @@ naive fp32 E[x²] − E[x]² is off by 2.6e-2 (tests/test_ops_upg_head.py checks
 Per-program partials, then a fixed-order reduction: deterministic, no atomics; eager, compiled
 and graph-replayed runs agree bit for bit.
 
-Products use tl.dot (all widths padded to ≥ 16) with input_precision DOT_PRECISION: "ieee"
-(default, exact fp32 products, what the CPU tests check) or "tf32" (env UCSEG_UPG_DOT; faster
-on Ampere+, untested for accuracy against the oracle yet).
+Products use tl.dot (all widths padded to ≥ 16) with input_precision "ieee" (exact fp32
+products) or "tf32" (tensor cores: fp32 operands read with a 10-bit mantissa, fp32 accumulation),
+chosen per call by `dot_precision` (env UCSEG_UPG_DOT = auto | ieee | tf32, default auto):
+  auto → "tf32" when the logits are bf16 / fp16 (autocast training: the PyTorch head computes these
+  very products as bf16 1×1 convolutions there, an 8-bit mantissa), or when they are fp32 and
+  `torch.get_float32_matmul_precision()` is not "highest" (the user allowed TF32 matmuls; the
+  Trainer does on CUDA); "ieee" otherwise (fp32 with the default precision: exact products).
+Why it matters: the head is compute-bound, not memory-bound. The recompute sweeps cost about
+90 k multiply-adds a pixel for forward + backward (25 k in the 7 forward sweeps, 65 k in the 7
+backward ones; widths padded to 16, 16, 32, 64, 32, 16, 16 at C = 4), 142 G at the ACDC shape
+(24 × 256²): 4.2 ms at the fp32 FMA peak of an H100's CUDA cores (67 TFLOP/s), 0.6 ms at its
+dense TF32 tensor-core peak (495 TFLOP/s) — arithmetic from the datasheet, not yet timed. Accuracy (CPU, the PyTorch twin with tf32 operands emulated by truncation, the worst case;
+norm-wise relative error against float64 from the same bf16 inputs): P 1e-3 against the PyTorch
+head's 1.1e-2 under bf16 autocast, every gradient 1.05-6.7× closer than the autocast head's
+(tests/test_ops_upg_head.py::test_tf32_error_is_below_bf16_autocast); "ieee" is at 3e-7.
 
 Layout: z1, z2 [B, C, *S] and A [B, 1, *S] whose spatial dims collapse to one stride
 (contiguous or channels-last; read in place); P and dz in the layout of `empty_like(z1/z2)`.
@@ -63,7 +75,7 @@ from torch import Tensor, nn
 from ._triton_utils import cdiv, flat_layout, next_pow2, spatial_size, tl, triton, triton_usable, use_triton
 from .evidential import patchify_map, token_geometry, token_nf, unpatchify_map
 
-__all__ = ["fusion_head", "pack_head_params", "NUM_LAYERS"]
+__all__ = ["fusion_head", "pack_head_params", "dot_precision", "NUM_LAYERS"]
 
 NUM_LAYERS = 6
 _ROWS = 6  # rows of the per-layer vector buffer: scale, shift, mean, rstd, c1 = Σdy/N, c2 = Σdy·x̂/N
@@ -72,9 +84,36 @@ FWD_PROGRAMS = int(os.environ.get("UCSEG_UPG_FWD_PROGRAMS", "1024"))
 # the final backward sweep writes [programs, 6, W, W] weight-grad partials: keep them few
 BWD_PROGRAMS = int(os.environ.get("UCSEG_UPG_BWD_PROGRAMS", "264"))
 # "ieee" = exact fp32 products (tests); "tf32" is faster on Ampere+ and is followed by BatchNorm
-DOT_PRECISION = os.environ.get("UCSEG_UPG_DOT", "ieee")
+DOT_PRECISION = os.environ.get("UCSEG_UPG_DOT", "auto")  # auto | ieee | tf32, see dot_precision
 _TORCH_CHUNK = 65536  # pixels per "program" of the PyTorch sweeps
 RECOMPUTE_TORCH = False  # see _TorchRunner
+
+
+_PRECISIONS = ("auto", "ieee", "tf32")
+
+
+def dot_precision(z: Tensor) -> str:
+    """The kernel's tl.dot input precision for logits `z` (module docstring: the auto rule);
+    `DOT_PRECISION` (env UCSEG_UPG_DOT) other than "auto" forces it."""
+    if DOT_PRECISION not in _PRECISIONS:
+        raise ValueError(f"UCSEG_UPG_DOT = {DOT_PRECISION!r}; choose one of {', '.join(_PRECISIONS)}")
+    if DOT_PRECISION != "auto":
+        return DOT_PRECISION
+    if z.dtype in (torch.bfloat16, torch.float16):
+        return "tf32"
+    if z.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _truncate_tf32(x: Tensor) -> Tensor:
+    """fp32 values with the mantissa cut to tf32's 10 bits (round toward zero: how tensor cores
+    read fp32 registers as tf32 operands; the worst case of the two roundings in use)."""
+    return (x.contiguous().view(torch.int32) & -8192).view(torch.float32)  # -8192 = ~0x1FFF
+
+
+def _mm(a: Tensor, b: Tensor, tf32: bool) -> Tensor:
+    return _truncate_tf32(a) @ _truncate_tf32(b) if tf32 else a @ b
 
 
 def _padded(chans: Sequence[int]) -> list[int]:
@@ -408,6 +447,9 @@ class _TorchRunner:
     def __init__(self, z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, chans: Sequence[int],
                  recompute: bool | None = None, a_patch: int = 0) -> None:
         self.acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+        # products as the kernel's tf32 dots only when asked for explicitly (UCSEG_UPG_DOT=tf32):
+        # this twin serves exactness (float64, CPU); emulating tf32 here measures its error
+        self.tf32 = DOT_PRECISION == "tf32" and self.acc == torch.float32
         self.recompute = RECOMPUTE_TORCH if recompute is None else recompute
         self.z1, self.z2, self.A, self.a_patch = z1, z2, A, a_patch
         C = z1.shape[1]
@@ -438,7 +480,7 @@ class _TorchRunner:
             xs, ys, hs = (list(v) for v in cached)
         for k in range(len(xs), nup):
             co = self.chans[k + 1]
-            x = hs[-1] @ self.wts[k]
+            x = _mm(hs[-1], self.wts[k], self.tf32)
             y = x * vec[k, 0, :co] + vec[k, 1, :co]
             xs.append(x)
             ys.append(y)
@@ -492,8 +534,8 @@ class _TorchRunner:
                     break
                 g = dy - vec[k, 4, :co] - xh * vec[k, 5, :co] if training else dy
                 dx = g * vec[k, 0, :co]
-                dw[p, k, :ci, :co] = hs[k].T @ dx
-                dh = dx @ self.wts[k].T
+                dw[p, k, :ci, :co] = _mm(hs[k].T, dx, self.tf32)
+                dh = _mm(dx, self.wts[k].T, self.tf32)
                 if not self.recompute:
                     self._bwd[p] = (k, dh)
             if final:
@@ -519,6 +561,7 @@ class _TritonRunner:
     def __init__(self, z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, chans: Sequence[int],
                  a_patch: int = 0) -> None:
         self.acc = torch.float32
+        self.prec = dot_precision(z1)
         self.C, self.chans, self.W = z1.shape[1], list(chans), wt.shape[-1]
         self.pads = _padded(chans)
         self.z1, *self.l1 = flat_layout(z1)
@@ -565,7 +608,7 @@ class _TritonRunner:
             *lda, *self.geo, A_TOK=bool(self.a_patch), PATCH=max(1, self.a_patch),
             C=self.C, P0=P[0], P1=P[1], P2=P[2], P3=P[3], P4=P[4], P5=P[5], P6=P[6],
             PJ=P[J], MAXW=self.W, MODE=mode, J=J, NUP=J if mode == 0 else NUM_LAYERS, TRAIN=training,
-            BLOCK_S=BLOCK_S, PREC=DOT_PRECISION, num_warps=4)
+            BLOCK_S=BLOCK_S, PREC=self.prec, num_warps=4)
 
     def stats(self, J: int, vec: Tensor) -> Tensor:
         n_prog = min(FWD_PROGRAMS, self.n_tiles)
