@@ -299,3 +299,32 @@ def test_sliced_and_permuted_layouts():
         terms = segmentation_loss_terms(z, target[2:], kind="ce", lam=lam)
         (dz,) = torch.autograd.grad(_weighted(terms), z)
         _check(z, target[2:], "ce", lam, terms, dz)
+
+
+# σ(z) = 1/(1 + e^−z) as torch.sigmoid computes it: e^1e4 = inf gives σ = 0 exactly (the
+# interpreter's numpy reports the inf; the GPU does not)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("kind,tgt", [("ce", "cls"), ("bce", "onehot"), ("ce", "multihot")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_five_classes_fp16_and_extreme_logits(kind, tgt, dtype):
+    """C = 5, fp16 / fp32, odd sizes, batch 1 and 3, and logits at ±1e4 on half the pixels (softplus
+    and the stable BCE form far past their thresholds, softmax one-hot to rounding, AU's u ~ C/1e4)
+    — labeled terms with AU, and the unlabeled pair."""
+    for B, spatial in ((1, (7, 5)), (3, (3, 5, 3))):
+        z, target = _inputs(B, 5, spatial, torch.float32, torch.contiguous_format, tgt, seed=5)
+        g = torch.Generator().manual_seed(6)
+        with torch.no_grad():
+            big = torch.rand(z.shape, generator=g) < 0.5
+            sign = torch.where(torch.rand(z.shape, generator=g) < 0.5, -1.0, 1.0)
+            z0 = torch.where(big, sign * 1e4, z).to(dtype)
+        z = z0.clone().requires_grad_(True)
+        lam = torch.tensor(0.8)
+        terms = segmentation_loss_terms(z, target, kind=kind, lam=lam)
+        assert all(torch.isfinite(v) for v in terms.values()), terms
+        (dz,) = torch.autograd.grad(_weighted(terms), z)
+        _check(z, target, kind, lam, terms, dz)
+        z2 = z0.flip(1).clone().requires_grad_(True)
+        t1, t2 = fusion_unsup_losses(z, z2, target, kind=kind)
+        dz1, dz2 = torch.autograd.grad(_weighted(t1) + _weighted(t2), (z, z2))
+        _check(z, target, kind, None, t1, dz1)
+        _check(z2, target, kind, None, t2, dz2)
