@@ -35,7 +35,9 @@ and graph-replayed runs agree bit for bit.
 
 Products use tl.dot (all widths padded to ≥ 16) with input_precision "ieee" (exact fp32
 products) or "tf32" (tensor cores: fp32 operands read with a 10-bit mantissa, fp32 accumulation),
-chosen per call by `dot_precision` (env UCSEG_UPG_DOT = auto | ieee | tf32, default auto):
+chosen per call by `dot_precision` (env UCSEG_UPG_DOT = auto | ieee | tf32 | tf32x3, default
+auto; tf32x3 = three tf32 products, near-fp32, only when asked for; devices without tensor cores
+ignore the choice):
   auto → "tf32" when the logits are bf16 / fp16 (autocast training: the PyTorch head computes these
   very products as bf16 1×1 convolutions there, an 8-bit mantissa), or when they are fp32 and
   `torch.get_float32_matmul_precision()` is not "highest" (the user allowed TF32 matmuls; the
@@ -44,7 +46,8 @@ Why it matters: the head is compute-bound, not memory-bound. The recompute sweep
 90 k multiply-adds a pixel for forward + backward (25 k in the 7 forward sweeps, 65 k in the 7
 backward ones; widths padded to 16, 16, 32, 64, 32, 16, 16 at C = 4), 142 G at the ACDC shape
 (24 × 256²): 4.2 ms at the fp32 FMA peak of an H100's CUDA cores (67 TFLOP/s), 0.6 ms at its
-dense TF32 tensor-core peak (495 TFLOP/s) — arithmetic from the datasheet, not yet timed. Accuracy (CPU, the PyTorch twin with tf32 operands emulated by truncation, the worst case;
+dense TF32 tensor-core peak (495 TFLOP/s) — arithmetic from the datasheet, not yet timed.
+Accuracy (CPU, the PyTorch twin with tf32 operands emulated by truncation, the worst case;
 norm-wise relative error against float64 from the same bf16 inputs): P 1e-3 against the PyTorch
 head's 1.1e-2 under bf16 autocast, every gradient 1.05-6.7× closer than the autocast head's
 (tests/test_ops_upg_head.py::test_tf32_error_is_below_bf16_autocast); "ieee" is at 3e-7.
@@ -83,13 +86,12 @@ BLOCK_S = int(os.environ.get("UCSEG_UPG_BLOCK_S", "64"))  # pixels per tile (tl.
 FWD_PROGRAMS = int(os.environ.get("UCSEG_UPG_FWD_PROGRAMS", "1024"))
 # the final backward sweep writes [programs, 6, W, W] weight-grad partials: keep them few
 BWD_PROGRAMS = int(os.environ.get("UCSEG_UPG_BWD_PROGRAMS", "264"))
-# "ieee" = exact fp32 products (tests); "tf32" is faster on Ampere+ and is followed by BatchNorm
 DOT_PRECISION = os.environ.get("UCSEG_UPG_DOT", "auto")  # auto | ieee | tf32, see dot_precision
 _TORCH_CHUNK = 65536  # pixels per "program" of the PyTorch sweeps
 RECOMPUTE_TORCH = False  # see _TorchRunner
 
 
-_PRECISIONS = ("auto", "ieee", "tf32")
+_PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
 
 
 def dot_precision(z: Tensor) -> str:

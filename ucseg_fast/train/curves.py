@@ -65,7 +65,8 @@ def run_curve(cfg: Config, steps: int) -> dict[str, Any]:
     sync()
     dt = time.perf_counter() - t0
     keys = ["L", *[k for k in DIAG_TERMS if k in recs[0]]]
-    cols = {k: torch.stack([r[k].float() for r in recs]).cpu().tolist() for k in keys}
+    cols = {k: torch.stack([r[k].float() for r in recs]).cpu().tolist()  # sync-ok: after the run
+            for k in keys}
     nonfinite = [t for t, v in enumerate(cols["L"]) if not math.isfinite(v)]
     return {"terms": cols, "ms_per_step": 1000.0 * dt / steps, "step_mode": tr.runner.mode,
             "device": torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda"
