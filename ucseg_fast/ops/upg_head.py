@@ -52,6 +52,15 @@ norm-wise relative error against float64 from the same bf16 inputs): P 1e-3 agai
 head's 1.1e-2 under bf16 autocast, every gradient 1.05-6.7× closer than the autocast head's
 (tests/test_ops_upg_head.py::test_tf32_error_is_below_bf16_autocast); "ieee" is at 3e-7.
 
+Not fused here, on purpose: P's pseudo-label (argmax / threshold) and P's loss partials. At the
+ACDC shape in bf16 they would save, per step, the argmax read of P's unlabeled half (6.3 MB), the
+loss kernels' reads of P's labeled half and their dP write (19 MB), the zero-filled full dP of
+the slice backward (25 MB) and the 7 reads of dP by the backward sweeps (88 MB, against 11 MB of
+int8 labels): about 125 MB, 30 µs at 4 TB/s, 2-5 % of the head's own compute above (byte counts,
+not measurements). The price: the head op would take the labels, λ and the loss constants,
+return loss terms as a second differentiable output whose reductions its backward depends on,
+and carry a copy of the CE / Dice / AU math that `ops.fusion_loss` already owns.
+
 Layout: z1, z2 [B, C, *S] and A [B, 1, *S] whose spatial dims collapse to one stride
 (contiguous or channels-last; read in place); P and dz in the layout of `empty_like(z1/z2)`.
 A may instead come as the cross-attention's output tokens [B, N, p^d] (`a_patch_size=p`,
