@@ -56,7 +56,7 @@ Not fused here, on purpose: P's pseudo-label (argmax / threshold) and P's loss p
 ACDC shape in bf16 they would save, per step, the argmax read of P's unlabeled half (6.3 MB), the
 loss kernels' reads of P's labeled half and their dP write (19 MB), the zero-filled full dP of
 the slice backward (25 MB) and the 7 reads of dP by the backward sweeps (88 MB, against 11 MB of
-int8 labels): about 125 MB, 30 µs at 4 TB/s, 2-5 % of the head's own compute above (byte counts,
+int8 labels): about 125 MB, 30 µs at 4 TB/s, 1-5 % of the head's own compute above (byte counts,
 not measurements). The price: the head op would take the labels, λ and the loss constants,
 return loss terms as a second differentiable output whose reductions its backward depends on,
 and carry a copy of the CE / Dice / AU math that `ops.fusion_loss` already owns.
