@@ -5,9 +5,11 @@ losses, a step mode) follow the baseline's training curve, and is what remains o
 smaller than what the precision itself does? Every variant is the same config plus its own
 overrides, so all of them start from the same weights, draw the same batches in the same order
 and the same copy-paste boxes (`train.seed`). The *noise floor* is the difference between the
-baseline and a variant that changes only the precision (by default: the baseline in float32
-against the baseline in bf16 autocast): a variant "follows" the baseline when its difference is
-within `factor` times that floor (or within `rtol` where there is no floor, e.g. an fp32 run).
+baseline and a variant that changes only the precision (by default: the baseline without
+autocast against the baseline in bf16 autocast; on CUDA the Trainer allows TF32 matmuls and
+convolutions, so that run is the trainer's full-precision setting): a variant "follows" the
+baseline when its difference is within `factor` times that floor (or within `rtol` where there
+is no floor, e.g. an fp32 run).
 
 Measure: total loss L per step; means over consecutive windows of `window` steps (one window of
 all steps when fewer); deviation = max over windows of |mean_v - mean_base| / |mean_base|. Single
