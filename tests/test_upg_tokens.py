@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+from test_ops_upg_head import _heads
 from ucseg_fast import ops
 from ucseg_fast.models.upg import (UPG, CrossAttentionBlock, FusedFusionHead, Patchify,
                                    evidential_uncertainty_torch, unpatchify)
@@ -128,17 +129,8 @@ def test_evidential_tokens_opcheck_and_compile():
 
 # ----- 2. fused head reading A from the tokens ---------------------------------------------------
 def _head(C: int, dims: int, dtype: torch.dtype, seed: int = 0) -> FusedFusionHead:
-    g = _gen(seed)
-    head = FusedFusionHead(C, spatial_dims=dims)
-    with torch.no_grad():
-        for name, t in head.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                t.fill_(3)
-            elif name.endswith("running_var") or name.endswith("1.weight"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            else:
-                t.copy_(torch.rand(t.shape, generator=g) * 2 - 1)
-    return head.to(dtype)
+    """A fused head with non-default parameters and running stats (test_ops_upg_head's)."""
+    return _heads(C, dims, dtype, seed)[1]
 
 
 def _head_run(head, z1, z2, A, w, a_patch_size=None):

@@ -243,7 +243,8 @@ def cmd_bench(args, extra) -> int:
 def _bench_curves(args, cfg) -> int:
     """`bench curves`: loss curves of variants from identical seeds (default: the fused UPG
     against the PyTorch modules, with the bf16-vs-fp32 noise floor of the latter)."""
-    from .train.curves import UPG_VARIANTS, format_comparison, loss_curves, parse_variant
+    from .train.curves import (UPG_VARIANTS, format_comparison, loss_curves, parse_variant,
+                               write_curves)
     from .train.trainer import resolve_device
     try:
         variants = dict(parse_variant(v) for v in args.variant)
@@ -260,7 +261,6 @@ def _bench_curves(args, cfg) -> int:
     res = loss_curves(cfg, variants, steps=steps, window=args.window, baseline=args.baseline,
                       noise=noise, factor=args.factor, rtol=args.rtol,
                       log=lambda s: print(s, flush=True))
-    from .train.curves import write_curves
     jpath, ppath = write_curves(res, args.out)
     print(format_comparison(res))
     print(f"wrote {jpath} and {ppath}")

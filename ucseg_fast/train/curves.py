@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,7 +44,6 @@ DIAG_TERMS = ("sup1", "sup2", "pseudo", "unsup1", "unsup2", "ic", "ife1", "ife2"
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """'name:key=value key=value' (whitespace-separated overrides, TOML values) -> (name, list)."""
-    import shlex
     name, sep, rest = text.partition(":")
     name = name.strip()
     if not sep or not name:
