@@ -63,11 +63,13 @@ def synthetic_batch_3d(labeled_bs: int, unlabeled_bs: int, img: int, device: tor
 def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
                device: str | torch.device = "auto", phase2: bool = False, nms: bool = True,
                mode: str = "eager", compile_mode: str = "default",
-               compile_backend: str = "inductor", dims: int = 2):
+               compile_backend: str = "inductor", dims: int = 2, fused: bool = False):
     """(step(batch) -> loss, batch, device): the Trainer's StepRunner around a fresh model;
     `mode` eager | compile | graph (graph: the first `warmup` calls are eager, then replays).
     ``dims=3``: the LA recipe's step (3D pair, C = 2, sigmoid supervision, queues of 144,
-    phase 2 from 6 000); `num_classes` is then 2."""
+    phase 2 from 6 000); `num_classes` is then 2. ``fused=True``: the fused ops (evidential
+    uncertainty, UPG head, losses), as `model.uncertainty = model.upg_head = "fused"`,
+    `loss.fused_losses = true`."""
     if dims not in (2, 3):
         raise ValueError(f"build_step: dims must be 2 or 3, got {dims}")
     from .step import StepRunner, check_graph_capturable, foreach_sgd_step
@@ -79,17 +81,24 @@ def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if dims == 3:
-        model = build_ucseg_3d(num_classes=2, in_channels=1, img_size=(img, img, img)).to(dev)
+        model = build_ucseg_3d(num_classes=2, in_channels=1, img_size=(img, img, img),
+                               head_impl="fused" if fused else "torch").to(dev)
         mf = torch.channels_last_3d if dev.type == "cuda" else torch.contiguous_format
-        objective = UCSegObjective(2, nms=nms, supervision="sigmoid", queue_size=144).to(dev)
+        objective = UCSegObjective(2, nms=nms, supervision="sigmoid", queue_size=144,
+                                   fused_losses=fused).to(dev)
         scalars = ScheduleTensors(dev, thr_base=0.2, thr_span=0.56)
         scalars.update(7000 if phase2 else 3000)
     else:
-        model = build_ucseg_2d(num_classes=num_classes, img_size=(img, img)).to(dev)
+        model = build_ucseg_2d(num_classes=num_classes, img_size=(img, img),
+                               head_impl="fused" if fused else "torch").to(dev)
         mf = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-        objective = UCSegObjective(num_classes, nms=nms).to(dev)
+        objective = UCSegObjective(num_classes, nms=nms, fused_losses=fused).to(dev)
         scalars = ScheduleTensors(dev)
         scalars.update(13000 if phase2 else 3000)
+    if fused:
+        from ..ops import evidential_uncertainty
+        model.uncertainty_fn = evidential_uncertainty
+        model.fused_tokens = True
     model.to(memory_format=mf)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5,
                           foreach=True)
@@ -115,10 +124,11 @@ def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
 def bench_step(*, steps: int = 20, warmup: int = 5, phase2: bool = False, device="auto",
                labeled_bs: int = 12, img: int = 256, mode: str = "eager",
                compile_mode: str = "default", compile_backend: str = "inductor",
-               nms: bool = True, dims: int = 2) -> dict:
+               nms: bool = True, dims: int = 2, fused: bool = False) -> dict:
     step, batch, dev = build_step(labeled_bs=labeled_bs, img=img, device=device, phase2=phase2,
                                   mode=mode, compile_mode=compile_mode,
-                                  compile_backend=compile_backend, nms=nms, dims=dims)
+                                  compile_backend=compile_backend, nms=nms, dims=dims,
+                                  fused=fused)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(max(warmup, 4 if mode == "graph" else 1)):  # graph: 3 eager + capture
         step(batch)
@@ -137,7 +147,7 @@ def bench_step(*, steps: int = 20, warmup: int = 5, phase2: bool = False, device
     gpu.stop()
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "mode": mode, "phase": 2 if phase2 else 1, "batch": f"{labeled_bs}+{labeled_bs}",
-           "img": img, "dims": dims, "nms": nms, "ms_per_step": dt * 1000, "img_per_s": 2 * labeled_bs / dt,
+           "img": img, "dims": dims, "nms": nms, "fused": fused, "ms_per_step": dt * 1000, "img_per_s": 2 * labeled_bs / dt,
            "loss": float(loss), "torch": torch.__version__, **tel}  # sync-ok: after timing
     if dev.type == "cuda":
         res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
