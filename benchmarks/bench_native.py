@@ -6,12 +6,15 @@ boundary noise and speckle, so many small components beside the big ones):
   la3d     2 x 96 x 96 x 96, 2 classes (3D recipe)
 Providers, side by side:
   native      libucseg_native CUDA kernels (block union-find)           [CUDA]
+  triton      ops/cc_triton.py: the same union-find as Triton kernels, fixed launches and no
+              host sync (the path of a plain `pip install` with Triton)  [CUDA]
   torch       pure-PyTorch label propagation fallback                   [CUDA]
   reference   the authors' path: GPU -> .cpu().numpy() -> skimage.measure.label per image and
               class -> largest by bincount -> back to the GPU             [CUDA, or CPU only]
   scipy       this package's CPU path (scipy.ndimage)                    [CPU tensors]
 The reference calls the filter 3x per phase-1 step (Y_u and the IFE masks of z1, z2); the bar is
-3 native calls <= 1 ms on an H100/H200. On CPU (`--benchmark-disable`) only the CPU providers
+3 native (or Triton) calls <= 1 ms on an H100/H200 (`test_step_largest_component` times exactly
+those three calls). On CPU (`--benchmark-disable`) only the CPU providers
 run, once each.
 """
 from __future__ import annotations
@@ -67,6 +70,7 @@ def _providers():
     cuda = torch.cuda.is_available()
     return [
         pytest.param("native", marks=pytest.mark.skipif(not cuda, reason="needs CUDA")),
+        pytest.param("triton", marks=pytest.mark.skipif(not cuda, reason="needs CUDA")),
         pytest.param("torch", marks=pytest.mark.skipif(not cuda, reason="needs CUDA")),
         "reference",
         pytest.param("scipy", marks=pytest.mark.skipif(cuda, reason="CPU provider")),
@@ -76,10 +80,12 @@ def _providers():
 def _fn(provider: str, op: str, C: int):
     if op == "cc":
         return {"native": lambda x: cc.connected_components(x > 0),
+                "triton": lambda x: cc.connected_components_triton(x > 0),
                 "torch": lambda x: cc.connected_components_torch(x > 0),
                 "scipy": lambda x: cc.connected_components_scipy(x > 0),
                 "reference": reference_cc}[provider]
     return {"native": lambda x: cc.largest_component(x, C),
+            "triton": lambda x: cc.largest_component_triton(x, C),
             "torch": lambda x: cc.largest_component_torch(x, C),
             "scipy": lambda x: cc.largest_component_scipy(x, C),
             "reference": lambda x: reference_largest_component(x, C)}[provider]
@@ -95,6 +101,10 @@ def test_native_components(benchmark, provenance, workload, op, provider):
         lib = native.load()
         if lib is None or not lib.has_cuda:
             pytest.skip(native.unavailable_reason() or "library built without CUDA")
+    if provider == "triton":
+        from ucseg_fast.ops import cc_triton
+        if not cc_triton.HAS_TRITON:
+            pytest.skip("triton is not installed")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     labels = pseudo_labels(shape, C).to(device)
     fn = _fn(provider, op, C)
@@ -107,12 +117,80 @@ def test_native_components(benchmark, provenance, workload, op, provider):
     out = target()  # warm-up (and the correctness check below)
     if op == "largest_component":
         assert torch.equal(out.cpu(), cc.largest_component_scipy(labels.cpu(), C))
+    elif provider in ("native", "triton", "torch", "scipy"):  # canonical ids on every backend
+        assert torch.equal(out.cpu(), cc.connected_components_scipy(labels.cpu() > 0))
     slow = provider in ("reference", "scipy")
     benchmark.extra_info.update(provenance)
     benchmark.extra_info.update(workload=workload, shape=list(shape), classes=C, op=op,
                                 provider=provider, pixels=int(labels.numel()))
+    if provider == "triton":
+        from ucseg_fast.ops import cc_triton
+        benchmark.extra_info["launches"] = cc_triton.launches(
+            "largest_component" if op == "largest_component" else "connected_components")
     benchmark.pedantic(target, rounds=3 if slow else 50, warmup_rounds=0 if slow else 5,
                        iterations=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the three filter calls of one ACDC phase-1 step (the <= 1 ms bar)
+# ---------------------------------------------------------------------------------------------
+STEP_SHAPES = [(12, 256, 256), (24, 256, 256), (24, 256, 256)]  # Y_u, IFE masks of z1 and z2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("provider", ["native", "triton", "triton-graph", "torch"])
+def test_step_largest_component(benchmark, provenance, provider):
+    """3 largest_component calls at the ACDC step shapes, 4 classes. triton-graph replays the
+    three Triton calls from one captured CUDA graph (possible because they never sync)."""
+    C = 4
+    if provider == "native":
+        from ucseg_fast import native
+        lib = native.load()
+        if lib is None or not lib.has_cuda:
+            pytest.skip(native.unavailable_reason() or "library built without CUDA")
+        fn = lambda x: cc.largest_component(x, C)  # noqa: E731
+    elif provider.startswith("triton"):
+        from ucseg_fast.ops import cc_triton
+        if not cc_triton.HAS_TRITON:
+            pytest.skip("triton is not installed")
+        fn = lambda x: cc.largest_component_triton(x, C)  # noqa: E731
+    else:
+        fn = lambda x: cc.largest_component_torch(x, C)  # noqa: E731
+    inputs = [pseudo_labels(s, C, seed=i).cuda() for i, s in enumerate(STEP_SHAPES)]
+
+    def calls():
+        return [fn(x) for x in inputs]
+
+    outs = calls()  # warm-up: compiles the kernels
+    for x, o in zip(inputs, outs):
+        assert torch.equal(o.cpu(), cc.largest_component_scipy(x.cpu(), C))
+    if provider == "triton-graph":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            calls()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = calls()
+        graph.replay()
+        sync()
+        for x, o in zip(inputs, outs):
+            assert torch.equal(o.cpu(), cc.largest_component_scipy(x.cpu(), C))
+
+        def target():
+            graph.replay()
+            sync()
+    else:
+        def target():
+            calls()
+            sync()
+
+    benchmark.extra_info.update(provenance)
+    benchmark.extra_info.update(workload="acdc_step_filter", shapes=[list(s) for s in STEP_SHAPES],
+                                classes=C, op="largest_component x3", provider=provider,
+                                pixels=int(sum(x.numel() for x in inputs)))
+    benchmark.pedantic(target, rounds=50, warmup_rounds=5, iterations=1)
 
 
 # ---------------------------------------------------------------------------------------------

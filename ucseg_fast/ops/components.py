@@ -1,13 +1,19 @@
 """Connected components and per-class largest-component filtering (the `nms` pseudo-label rule).
 
 Why this exists: the reference spends most of a training step in CPU connected-component
-labelling (skimage on pseudo-labels copied off the GPU, METHOD.md §6.4). Three backends give the
+labelling (skimage on pseudo-labels copied off the GPU, METHOD.md §6.4). Four backends give the
 same partition and the *same ids*:
 
 * native CUDA library (`ucseg_fast.native`, block union-find) for CUDA tensors when it is built;
+* Triton kernels (`ops/cc_triton.py`, the same union-find without shared memory: a fixed number
+  of launches, no host sync, CUDA-graph capturable) for CUDA tensors without the library when
+  Triton is importable — the path of a plain `pip install`;
 * a pure-PyTorch fallback (min-label propagation + root hooking + pointer jumping) for CUDA
-  tensors without the library — it also runs on CPU, which is how tests check it;
-* scipy.ndimage on CPU (the reference's path).
+  tensors with neither (or with the ops backend set to "reference"): it syncs with the host
+  every iteration (warned once) — it also runs on CPU, which is how tests check it;
+* scipy.ndimage on CPU (the reference's path), except that with the ops backend forced to
+  "triton" (`ops.set_backend("triton")` / UCSEG_OPS_BACKEND=triton) under TRITON_INTERPRET=1
+  CPU tensors run the Triton kernels in the interpreter (so a CPU tool runs what the GPU runs).
 
 Conventions (all paths):
 * inputs are batched: `[B, H, W]` (2D) or `[B, D, H, W]` (3D); the batch dim is never connected;
@@ -19,8 +25,12 @@ Conventions (all paths):
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+
+from . import _triton_utils
 
 __all__ = [
     "backend",
@@ -28,8 +38,10 @@ __all__ = [
     "largest_component",
     "connected_components_scipy",
     "connected_components_torch",
+    "connected_components_triton",
     "largest_component_scipy",
     "largest_component_torch",
+    "largest_component_triton",
 ]
 
 _VALID = {2: (4, 8), 3: (6, 26)}
@@ -223,11 +235,67 @@ def _native_cuda():
     return lib if lib is not None and lib.has_cuda else None
 
 
+def _triton_ok(t: torch.Tensor) -> bool:
+    from . import cc_triton
+    return cc_triton.usable(t) and t.numel() < 2**31 - 1
+
+
+def cuda_backend() -> str:
+    """The backend CUDA tensors get ("native", "triton" or "torch"), decided without touching a
+    device (what `check_graph_capturable` asks before any CUDA tensor exists)."""
+    if _native_cuda() is not None:
+        return "native"
+    if _triton_utils.get_backend() != "reference" and _triton_utils.HAS_TRITON:
+        return "triton"
+    return "torch"
+
+
 def backend(t: torch.Tensor) -> str:
-    """Which backend the public functions use for `t`: "native", "torch" or "scipy"."""
+    """Which backend the public functions use for `t`: "native", "triton", "torch" or "scipy".
+
+    CUDA: the native library when loaded, else Triton when importable (unless the ops backend
+    is "reference"), else the PyTorch fallback. CPU: scipy, or Triton when the ops backend is
+    forced to "triton" and the interpreter is on (TRITON_INTERPRET=1 at import)."""
     if not t.is_cuda:
-        return "scipy"
-    return "native" if _native_cuda() is not None and t.numel() < 2**31 - 1 else "torch"
+        forced = _triton_utils.get_backend() == "triton" and _triton_utils.interpret_mode()
+        return "triton" if forced and _triton_ok(t) else "scipy"
+    if _native_cuda() is not None and t.numel() < 2**31 - 1:
+        return "native"
+    if _triton_utils.get_backend() != "reference" and _triton_ok(t):
+        return "triton"
+    return "torch"
+
+
+_warned_torch = False
+
+
+def _warn_torch_fallback() -> None:
+    global _warned_torch
+    if _warned_torch:
+        return
+    _warned_torch = True
+    warnings.warn(
+        "connected components on CUDA: using the pure-PyTorch fallback, which synchronises with "
+        "the host every iteration (slow, and not capturable in a CUDA graph). For the fast "
+        "sync-free path install Triton (`pip install triton`) or build the native library "
+        "(`make native`); with the ops backend set to 'reference' this fallback is chosen on "
+        "purpose.", RuntimeWarning, stacklevel=4)
+
+
+def connected_components_triton(mask: torch.Tensor,
+                                connectivity: int | None = None) -> torch.Tensor:
+    """The Triton path explicitly (CUDA, or CPU under TRITON_INTERPRET=1): same ids as
+    `connected_components`, 3 launches, no host synchronisation (`cc_triton.LAUNCHES`)."""
+    from . import cc_triton
+    conn = _resolve_connectivity(mask.shape, connectivity)
+    return cc_triton.connected_components(mask, conn)
+
+
+def largest_component_triton(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The Triton path of `largest_component` explicitly: 5 launches, no host synchronisation."""
+    from . import cc_triton
+    _resolve_connectivity(labels.shape, None)
+    return cc_triton.largest_component(labels, num_classes)
 
 
 def _cc_eager(mask: torch.Tensor, conn: int) -> torch.Tensor:
@@ -236,7 +304,10 @@ def _cc_eager(mask: torch.Tensor, conn: int) -> torch.Tensor:
     which = backend(mask)
     if which == "native":
         return _native_cuda().connected_components(mask, conn)
+    if which == "triton":
+        return connected_components_triton(mask, conn)
     if which == "torch":
+        _warn_torch_fallback()
         return connected_components_torch(mask, conn)
     return connected_components_scipy(mask, conn)
 
@@ -247,7 +318,10 @@ def _lc_eager(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     which = backend(labels)
     if which == "native":
         return _native_cuda().largest_component(labels, num_classes)
+    if which == "triton":
+        return largest_component_triton(labels, num_classes)
     if which == "torch":
+        _warn_torch_fallback()
         return largest_component_torch(labels, num_classes)
     return largest_component_scipy(labels, num_classes)
 
@@ -274,15 +348,22 @@ def _(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.empty_like(labels)
 
 
+def _as_op() -> bool:
+    """Call through the custom op (one opaque node) under torch.compile and whenever a
+    TorchDispatchMode is active (fake tensors, the step ledger's op counter): a ctypes call or a
+    scipy round trip cannot run on fake tensors. Plain eager calls skip the op dispatch."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def connected_components(mask: torch.Tensor, connectivity: int | None = None) -> torch.Tensor:
     """Connected-component ids of a batched mask (nonzero = foreground).
 
     mask: `[B, H, W]` or `[B, D, H, W]`, any dtype. Returns ids of the same shape and device
     (int32, or int64 for >= 2**31 - 1 elements): 0 = background, else 1 + the linear index of
-    the component's first pixel in C order. Backend: native CUDA library → PyTorch fallback on
-    CUDA tensors; scipy on CPU."""
+    the component's first pixel in C order. Backend (`backend(mask)`): native CUDA library →
+    Triton → PyTorch fallback on CUDA tensors; scipy on CPU (Triton when forced, see module)."""
     conn = _resolve_connectivity(mask.shape, connectivity)
-    if torch.compiler.is_compiling():
+    if _as_op():
         return torch.ops.ucseg.connected_components(mask, conn)
     return _cc_eager(mask, conn)
 
@@ -297,6 +378,6 @@ def largest_component(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     _resolve_connectivity(labels.shape, None)
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"largest_component: labels must be an integer class map, got {labels.dtype}")
-    if torch.compiler.is_compiling():
+    if _as_op():
         return torch.ops.ucseg.largest_component(labels, num_classes)
     return _lc_eager(labels, num_classes)
