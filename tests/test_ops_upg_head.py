@@ -443,3 +443,72 @@ def test_tf32_error_is_below_bf16_autocast(shape, monkeypatch):
     assert errs["tf32"]["P"] < 0.2 * errs["bf16"]["P"], errs
     for k in keys:
         assert errs["tf32"][k] < errs["bf16"][k], (k, errs["tf32"][k], errs["bf16"][k])
+
+
+# ----- per-layer ops: running statistics, weight layouts, op checks ------------------------------
+@pytest.mark.parametrize("momentum", [None, 0.3], ids=["cumulative", "m0.3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["kernel", "twin"])
+def test_running_statistics_like_batchnorm(momentum, dtype):
+    """FusedFusionHead updates running mean / var / num_batches_tracked as nn.BatchNorm does, for
+    momentum=None (cumulative average: the kernel reads num_batches_tracked) and another momentum,
+    over two training steps; fp32 runs `_running_kernel`, float64 the PyTorch twin."""
+    if dtype == torch.float32 and not triton_usable(torch.zeros(1)):
+        pytest.skip("Triton kernel not runnable here")
+    ref, fus = _heads(4, 2, dtype)
+    for head in (ref, fus):
+        for m in head.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = momentum
+        head.train()
+    for step in range(2):
+        z1, z2, A, _ = (t.to(dtype) for t in _inputs(2, 4, (5, 6), seed=10 + step))
+        with torch.no_grad():
+            ref(torch.cat([A * z1, A * z2], 1))
+            fus.fused(z1, z2, A)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
+    for (k, a), b in zip(ref.state_dict().items(), fus.state_dict().values()):
+        assert b.dtype == a.dtype, k
+        torch.testing.assert_close(b, a, **tol, msg=k)
+    assert all(int(v) == 5 for k, v in fus.state_dict().items() if k.endswith("num_batches_tracked"))
+
+
+@needs_kernel
+def test_weights_read_in_place_any_layout():
+    """Conv weights are read in place when element (o, i) sits at o·ci + i (contiguous, and
+    channels-last: the same for 1×1 kernels); other layouts (here column-major) are copied once
+    inside the op: same numbers either way."""
+    z1, z2, A, w = (t.float() for t in _inputs(2, 4, (6, 5)))
+    _, fus = _heads(4, 2, torch.float32)
+    fus_cm = copy.deepcopy(fus)
+    for conv in (getattr(fus_cm, f"conv{k + 1}")[0] for k in range(6)):
+        co, ci = conv.weight.shape[:2]
+        conv.weight.data = torch.empty_strided(conv.weight.shape, (1, co, 1, 1)).copy_(conv.weight.data)
+    assert fus_cm.conv2[0].weight.stride()[:2] == (1, 32)
+    a, b = _run(fus, z1, z2, A, w, True), _run(fus_cm, z1, z2, A, w, True)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_opcheck_layer_ops(train):
+    """Schema, fake kernels, autograd registration, AOT dispatch of the per-layer ops."""
+    _, fus = _heads(2, 2, torch.float32)
+    convs = [getattr(fus, f"conv{k + 1}")[0] for k in range(6)]
+    bns = [getattr(fus, f"conv{k + 1}")[1] for k in range(6)]
+    ws = [c.weight.detach().clone().requires_grad_(True) for c in convs]
+    gs = [b.weight.detach().clone().requires_grad_(True) for b in bns]
+    bs = [b.bias.detach().clone().requires_grad_(True) for b in bns]
+    rms, rvs = [b.running_mean.clone() for b in bns], [b.running_var.clone() for b in bns]
+    z1, z2, A, _ = (t.float().requires_grad_(True) for t in _inputs(2, 2, (4, 5)))
+    args = (z1, z2, A, ws, gs, bs, rms, rvs, train, 1e-5, 0)
+    torch.library.opcheck(torch.ops.ucseg.fusion_head_layers.default, args)
+    P, mean, var, vec = torch.ops.ucseg.fusion_head_layers.default(*args)
+    dP = torch.randn_like(P)
+    torch.library.opcheck(torch.ops.ucseg.fusion_head_layers_backward.default,
+                          (dP, z1.detach(), z2.detach(), A.detach(), [w.detach() for w in ws],
+                           [g.detach() for g in gs], [b.detach() for b in bs], vec, train, 0))
+    nbts = [b.num_batches_tracked.clone() for b in bns]
+    for momentum in (0.1, None):
+        torch.library.opcheck(torch.ops.ucseg.bn_running_update.default,
+                              (mean, var, rms, rvs, nbts, momentum, 40))

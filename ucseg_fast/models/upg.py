@@ -20,7 +20,6 @@ computing each pixel's token index inside its sweeps (and writes ``dA`` back as 
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.evidential import evidential_uncertainty
-from ..ops.upg_head import fusion_head, pack_head_params
+from ..ops.upg_head import fusion_head_layers
 
 __all__ = ["evidential_uncertainty_torch", "Patchify", "unpatchify", "CrossAttention",
            "FeedForward", "CrossAttentionBlock", "FusionHead", "FusedFusionHead", "UPG"]
@@ -234,9 +233,16 @@ class FusedFusionHead(FusionHead):
 
     Same submodules, hence the same parameters, buffers and state_dict keys (checkpoints
     interchange both ways); the submodules only hold the state. :meth:`fused` takes
-    ``(z1, z2, A)`` so ``cat(A·z1, A·z2)`` and the per-layer activations are never materialised;
-    running statistics are updated as ``nn.BatchNorm`` does (device-side, no host sync).
+    ``(z1, z2, A)`` so ``cat(A·z1, A·z2)`` and the per-layer activations are never materialised.
+    The layers' tensors go to the op as they are (``ops.upg_head.fusion_head_layers``: one kernel
+    pointer per layer, nothing packed, padded or copied; the backward's kernels write each layer's
+    gradients), and the running statistics are updated by the op's kernels exactly as
+    ``nn.BatchNorm`` does (device-side, no host sync).
     """
+
+    #: the kernels read the fp32 weights themselves (TF32 / exact dots, `dot_precision`): the
+    #: step's one-op bf16 weight cast (`train.precision.WeightCast`) leaves them alone
+    keep_fp32_weights = True
 
     def fused(self, z1: Tensor, z2: Tensor, A: Tensor, *, a_patch_size: int | None = None) -> Tensor:
         """``P [B,C,*S] = head(cat(A·z1, A·z2))`` without materialising the concatenation.
@@ -250,26 +256,17 @@ class FusedFusionHead(FusionHead):
         """``(P, mean [6,W], var [6,W])``: also the biased batch statistics (training) or the
         running statistics (eval) each BatchNorm used, zero-padded to the widest layer W.
         ``a_patch_size`` as in :meth:`fused`."""
-        wt, gamma, beta, rmean, rvar, chans = pack_head_params(self)
-        bns = [getattr(self, f"conv{i + 1}")[1] for i in range(self.num_layers)]
-        eps = bns[0].eps
-        if any(bn.eps != eps or not bn.track_running_stats or not bn.affine for bn in bns):
-            raise ValueError("FusedFusionHead: every BatchNorm needs the same eps, affine=True and "
-                             "track_running_stats=True")
-        P, mean, var = fusion_head(z1, z2, A, wt, gamma, beta, rmean, rvar, chans, self.training, eps,
-                                   a_patch_size=a_patch_size)
-        if self.training:
-            n = z1.shape[0] * math.prod(z1.shape[2:])
-            with torch.no_grad():
-                for k, bn in enumerate(bns):
-                    co = chans[k + 1]
-                    bn.num_batches_tracked.add_(1)
-                    m = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
-                    bm = mean[k, :co].to(bn.running_mean.dtype)
-                    bv = (var[k, :co] * (n / (n - 1))).to(bn.running_var.dtype)
-                    bn.running_mean.copy_(m * bm + (1 - m) * bn.running_mean)
-                    bn.running_var.copy_(m * bv + (1 - m) * bn.running_var)
-        return P, mean, var
+        layers = [getattr(self, f"conv{i + 1}") for i in range(self.num_layers)]
+        convs, bns = [m[0] for m in layers], [m[1] for m in layers]
+        eps, momentum = bns[0].eps, bns[0].momentum
+        if any(bn.eps != eps or bn.momentum != momentum or not bn.track_running_stats or not bn.affine
+               for bn in bns):
+            raise ValueError("FusedFusionHead: every BatchNorm needs the same eps and momentum, "
+                             "affine=True and track_running_stats=True")
+        return fusion_head_layers(
+            z1, z2, A, [c.weight for c in convs], [bn.weight for bn in bns], [bn.bias for bn in bns],
+            [bn.running_mean for bn in bns], [bn.running_var for bn in bns],
+            [bn.num_batches_tracked for bn in bns], self.training, eps, momentum, a_patch_size=a_patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """Drop-in for ``FusionHead.forward(cat(z1', z2'))``: split the input, A = 1."""
