@@ -179,3 +179,78 @@ def fusion_unsup_losses(z1_u: torch.Tensor, z2_u: torch.Tensor, Y_u: torch.Tenso
     """Both subnets' unsupervised {kind, 'dice'} terms against one pseudo-label Y_u."""
     kw = dict(kind=kind, eps=eps, dtype=dtype)
     return (segmentation_loss_terms(z1_u, Y_u, **kw), segmentation_loss_terms(z2_u, Y_u, **kw))
+
+
+# --------------------------------------------------------------------------------------------
+# prediction_stats: the gradient-free per-pixel predictions of one UC-Seg step
+# --------------------------------------------------------------------------------------------
+def map_dtype(num_classes: int) -> torch.dtype:
+    """Class maps of the step: uint8 (1 byte a pixel) up to 255 classes, else int32."""
+    return torch.uint8 if num_classes <= 255 else torch.int32
+
+
+def _bce_last(x_prob: torch.Tensor, y_prob: torch.Tensor) -> torch.Tensor:
+    """Sum over pixels of the reference's loss_diff BCE on channel C−1 (losses.diff_loss)."""
+    x = x_prob.clamp(1e-8, 1 - 1e-7)
+    y = y_prob.to(x.dtype)
+    return ((y - 1) * torch.log1p(-x).clamp_min(-100) - y * torch.log(x).clamp_min(-100)).sum()
+
+
+def prediction_stats_from_probs(p1: torch.Tensor, p2: torch.Tensor, pP: torch.Tensor | None,
+                                y_l: torch.Tensor | None, *, binary: bool = False
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prediction_stats` on probabilities (softmax, or σ per channel when `binary`)."""
+    B, C = p1.shape[:2]
+    fg = (lambda p: p[:, 1] >= 0.5) if binary else (lambda p: p.argmax(1))
+    srcs = [p1, p2] + ([pP] if pP is not None else [])
+    maps = torch.cat([fg(p) for p in srcs], 0).to(map_dtype(C))
+    n = p1[:, -1].numel()
+    d1 = _bce_last(p1[:, -1], p2[:, -1]) / n
+    d2 = _bce_last(p2[:, -1], p1[:, -1]) / n
+    gates = []
+    for p in (p1, p2):
+        if y_l is None or y_l.shape[0] == 0:
+            gates.append(torch.zeros((), dtype=d1.dtype, device=p1.device))
+            continue
+        Bl = y_l.shape[0]
+        pred = (p[:Bl, 1] > 0.5).long() if binary else p[:Bl].argmax(1)
+        gates.append(hard_gate(pred, y_l, C).to(d1.dtype))
+    return maps, torch.stack([d1, d2, *gates]).to(torch.float32 if p1.dtype != torch.float64
+                                                   else torch.float64)
+
+
+def hard_gate(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean over classes 1..C−1 of 2|P_c∩G_c| / (|P_c| + |G_c| + 0.001), 0 when both are
+    empty (`losses.queue_gate_hard`), pooled over the whole labeled half. float32."""
+    cls = torch.arange(1, num_classes, device=pred.device).view(-1, *([1] * pred.dim()))
+    p = pred.unsqueeze(0) == cls
+    g = target.unsqueeze(0) == cls
+    dims = tuple(range(1, p.dim()))
+    inter = (p & g).sum(dims).float()
+    den = p.sum(dims).float() + g.sum(dims).float()
+    return torch.where(den > 0, 2 * inter / (den + 1e-3), torch.zeros_like(den)).mean()
+
+
+def prediction_stats(z1: torch.Tensor, z2: torch.Tensor, P_u: torch.Tensor | None,
+                     y_l: torch.Tensor | None, *, binary: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient-free predictions of one step, from the logits (no gradient).
+
+    Returns (maps, stats):
+      maps  [2B (+ Bu), *S] (uint8, or int32 for more than 255 classes): the prediction map
+            of z1 (B images), of z2 (B images) and of P_u (Bu images) — argmax_c softmax (first
+            index on ties), or for `binary` [σ(z_1) ≥ 0.5] (the 3D / binary pseudo-label rule);
+      stats [4] float32 (float64 for float64 inputs): diff1, diff2 — the reference's
+            gradient-free BCE between the subnets' last-channel probabilities over all B
+            images (losses.diff_loss(p1, p2), diff_loss(p2, p1)) — and gate1, gate2 — the hard
+            queue gate of each subnet on the labeled half (the first y_l.shape[0] images)
+            against y_l (losses.queue_gate_hard; binary: [σ(z_1) > 0.5] as the prediction);
+            0 without y_l.
+    """
+    with torch.no_grad():
+        ct = _compute_dtype(z1, None)
+        prob = (lambda z: torch.sigmoid(z.to(ct))) if binary else (
+            lambda z: torch.softmax(z.to(ct), 1))
+        return prediction_stats_from_probs(prob(z1), prob(z2),
+                                           prob(P_u) if P_u is not None else None, y_l,
+                                           binary=binary)
