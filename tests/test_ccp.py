@@ -371,3 +371,59 @@ def test_enqueue_cuda_graph_capture():
     assert int(lvl.ptr1) == 4 and not torch.equal(lvl.queue1, q0)
     graph.replay()
     assert int(lvl.ptr1) == 0
+
+
+# --- CCP.step: every level, both subnets and the gated update in a few batched ops ----------
+@pytest.mark.parametrize("pointer", ["per_class", "shared"])
+@pytest.mark.parametrize("gates", [(True, False), (False, True), None])
+def test_step_equals_the_per_level_oracle(pointer, gates):
+    import copy
+    torch.manual_seed(0)
+    C, B, ch = 4, 3, (4, 6, 8)
+    ccp = CCP(C, channels=ch, queue_size=10, pointer=pointer).double()
+    ref = copy.deepcopy(ccp)
+    for c in (ccp, ref):
+        c._P.fill_(7)
+    sizes = [(16, 16), (8, 8), (4, 4)]
+    f1 = [torch.randn(B, c, *s, dtype=torch.float64, requires_grad=True) for c, s in zip(ch, sizes)]
+    f2 = [torch.randn(B, c, *s, dtype=torch.float64, requires_grad=True) for c, s in zip(ch, sizes)]
+    maps = torch.randint(0, C, (B, 3, 32, 32))
+    oh = (maps.unsqueeze(2) == torch.arange(C).view(1, 1, C, 1, 1)).double()
+    masks = oh.flatten(1, 2) if gates is not None else oh[:, :2].flatten(1, 2)
+    g = torch.tensor(gates) if gates is not None else None
+    ic, ife = ccp.step(f1, f2, masks, gates=g)
+    r1 = [f.detach().clone().requires_grad_() for f in f1]
+    r2 = [f.detach().clone().requires_grad_() for f in f2]
+    ric, _ = ref.ic(r1, r2)
+    rife = torch.stack([ref.ife(r1, oh[:, 0], 1)[0], ref.ife(r2, oh[:, 1], 2)[0]])
+    if gates is not None:
+        for k, (f, gk) in enumerate(((r1, gates[0]), (r2, gates[1])), start=1):
+            ref.enqueue([t.detach() for t in f], oh[:, 2], k, torch.tensor(gk))
+    # the oracle rounds each level to float32 first (the reference's buffers): f32 tolerance
+    torch.testing.assert_close(ic, ric, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(ife, rife, rtol=2e-6, atol=1e-6)
+    (ic + 0.3 * ife[0] + 0.7 * ife[1]).backward()
+    (ric + 0.3 * rife[0] + 0.7 * rife[1]).backward()
+    for a, b in zip(f1 + f2, r1 + r2):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-9)
+    for la, lb in zip(ccp.levels, ref.levels):
+        for k in (1, 2):
+            torch.testing.assert_close(la.queue(k), lb.queue(k), rtol=1e-12, atol=1e-14)
+            assert torch.equal(la.ptr(k), lb.ptr(k))
+
+
+def test_level_buffers_are_views_of_the_stacked_storage_across_moves():
+    ccp = CCP(3, channels=(2, 3, 4), queue_size=5)
+    ccp.levels[1].load_queues(torch.ones(3, 3, 5), torch.full((3, 3, 5), 2.0), 4)
+    ccp = ccp.double()
+    assert ccp._Q.dtype == torch.float64
+    assert torch.equal(ccp._Q[0, 2:5], torch.ones(3, 3, 5, dtype=torch.float64))
+    assert int(ccp._P[1, 1]) == 4  # the default pointer is the reference's shared one
+    ccp._Q.zero_()  # a write through the storage shows in every level's buffers
+    assert all(float(lvl.queue1.abs().sum()) == 0 for lvl in ccp.levels)
+    sd = ccp.state_dict()
+    assert set(sd) == {f"levels.{i}.{b}{k}" for i in range(3) for b in ("queue", "ptr")
+                       for k in (1, 2)}
+    other = CCP(3, channels=(2, 3, 4), queue_size=5).double()
+    other.load_state_dict(sd)
+    assert torch.equal(other._Q, ccp._Q) and torch.equal(other._P, ccp._P)

@@ -29,6 +29,7 @@ be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import torch
@@ -245,7 +246,8 @@ class CCPLevel(nn.Module):
         """Per-class IFE `[C]` of subnet k before the float32 rounding."""
         proto_CBF = self.prototypes(f, mask_onehot)
         with _no_autocast(f):
-            return ife_class_losses(proto_CBF, self.queue(k), self.temperature)
+            # a copy: the queue is updated in place after this read, before the backward
+            return ife_class_losses(proto_CBF, self.queue(k).detach().clone(), self.temperature)
 
     def ife(self, f: Tensor, mask_onehot: Tensor, k: int) -> Tensor:
         """IFE of subnet k against queue k: float32 mean over classes (reference rounding)."""
@@ -291,6 +293,12 @@ class CCP(nn.Module):
     `levels[i]` consumes `feats[-len(levels) + i]`, i.e. by default feats[-3] (64 ch),
     feats[-2] (128), feats[-1] (256). Level means are summed deepest first, as the trainer's
     `(l_256 + l_128 + l_64) / 3`, in float32.
+
+    All levels' queues live in one tensor `[2, F, C, K]` (subnet, feature of every level
+    stacked, class, slot; F = Σ channels) and the pointers in one `[2, L(, C)]`; each level's
+    `queue1/queue2/ptr1/ptr2` buffers are views into them, so the state_dict, `load_queues` and
+    the per-level methods (`ic`, `ife`, `enqueue`, the oracle of `step`) are unchanged, while
+    `step` computes IC, both IFEs and the gated update of every level in a few batched ops.
     """
 
     def __init__(self, num_classes: int, channels: Sequence[int] = (64, 128, 256),
@@ -298,6 +306,35 @@ class CCP(nn.Module):
         super().__init__()
         self.levels = nn.ModuleList(CCPLevel(num_classes, c, **level_kwargs)  # type: ignore[arg-type]
                                     for c in channels)
+        self.num_classes = num_classes
+        self.channels = tuple(int(c) for c in channels)
+        self.offsets = [sum(self.channels[:i]) for i in range(len(self.channels))]
+        first = self.levels[0]
+        self.queue_size, self.temperature, self.grid = (first.queue_size, first.temperature,
+                                                        first.grid)
+        self.pointer, self.batch_size = first.pointer, first.batch_size
+        with torch.no_grad():
+            self._Q = torch.stack([torch.cat([lvl.queue(k).permute(1, 0, 2) for lvl in self.levels])
+                                   for k in (1, 2)]).contiguous()
+            self._P = torch.stack([torch.stack([lvl.ptr(k) for lvl in self.levels])
+                                   for k in (1, 2)]).contiguous()
+        self._cache: dict = {}
+        self._bind()
+
+    def _bind(self) -> None:
+        """Point every level's buffers at its slice of the stacked storage."""
+        for i, lvl in enumerate(self.levels):
+            o, n = self.offsets[i], lvl.channels
+            for k in (1, 2):
+                lvl._buffers[f"queue{k}"] = self._Q[k - 1, o:o + n].permute(1, 0, 2)
+                lvl._buffers[f"ptr{k}"] = self._P[k - 1, i]
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .double(), .cuda(): keep the views
+        self._Q = fn(self._Q)
+        self._P = fn(self._P)
+        self._cache = {}
+        self._bind()
+        return self
 
     def _feats(self, feats: Sequence[Tensor]) -> Sequence[Tensor]:
         n = len(self.levels)
@@ -335,3 +372,126 @@ class CCP(nn.Module):
         """Queue update of subnet k at every level, gated on device."""
         for lvl, f in zip(self.levels, self._feats(feats)):
             lvl.enqueue(f, label_onehot, k, gate)
+
+    # --- all levels at once --------------------------------------------------------------
+    def _consts(self, sizes: tuple, B: int, dt: torch.dtype, device: torch.device) -> dict:
+        """Per-shape constants of `step`, built once: pooling weights, level weights, masks."""
+        key = (sizes, B, dt, device)
+        c = None if torch.compiler.is_compiling() else self._cache.get(key)
+        if c is not None:
+            return c
+        C, G, L = self.num_classes, self.grid, len(self.levels)
+        Ftot = sum(self.channels)
+        pools, n_px = [], []
+        for size in sizes:
+            w = None
+            for n in size:  # adaptive average pooling is separable: one [n, grid] matrix a dim
+                a = F.adaptive_avg_pool1d(torch.eye(n, dtype=dt, device=device)[:, None], G)[:, 0]
+                w = a if w is None else (w[:, None, :, None] * a[None, :, None, :]).reshape(
+                    w.shape[0] * n, w.shape[1] * G)
+            pools.append(w)  # [S_l, G^d]: column g averages the positions of cell g
+            n_px.append(math.prod(size))
+        level_of_f = torch.cat([torch.full((ch,), i, dtype=torch.int64, device=device)
+                                for i, ch in enumerate(self.channels)])
+        onehot_lf = (torch.arange(L, device=device)[:, None] == level_of_f[None, :]).to(dt)
+        inv_n = torch.tensor([1.0 / n for n in n_px], dtype=dt, device=device)
+        gd = pools[0].shape[1]
+        eye_c = torch.eye(C, dtype=torch.bool, device=device)
+        eye_g = torch.eye(gd, dtype=torch.bool, device=device)
+        eye_b = torch.eye(B, dtype=torch.bool, device=device)
+        # IC: candidate (b', g') of anchor (b, g) is dropped when g' == g and b' != b
+        ic_drop = (eye_g[None, :, None, :] & ~eye_b[:, None, :, None]).reshape(B * gd, B * gd)
+        c = {
+            "pools": pools,
+            # IFE: π of level l = features of level l only, / (T · positions of level l)
+            "ife_w": onehot_lf * (inv_n[:, None] / self.temperature),
+            "ic_w": onehot_lf / self.temperature,
+            "proto_scale": inv_n[level_of_f],
+            "level_of_f": level_of_f,
+            "own": eye_c.view(1, 1, C, 1, C, 1),
+            "ic_drop": ic_drop,
+            "ar_b": torch.arange(B, device=device),
+            "class_off": torch.arange(C, device=device) * B,
+            "Ftot": Ftot,
+        }
+        if not torch.compiler.is_compiling():
+            self._cache[key] = c
+        return c
+
+    def step(self, feats1: Sequence[Tensor], feats2: Sequence[Tensor], masks: Tensor, *,
+             gates: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(IC 0-D, [IFE of subnet 1, IFE of subnet 2]) of one forward — float32, the values of
+        `ic` and `ife` — and, when `gates` ([2] bool, one per subnet) is given, the gated queue
+        update of both subnets with this forward's features, after the IFEs read the queues.
+
+        masks: [B, J·C, *S] float at the input resolution: channels [0, C) the IFE class masks
+        of subnet 1, [C, 2C) those of subnet 2, and with `gates` [2C, 3C) the label masks of the
+        update (resized and thresholded at 0.5 per level like `resize_mask`). One bmm per subnet
+        and level gives every prototype and the IC's pooled cells; IFE and IC of all levels are
+        one batched matmul each (level weights keep each level's dot products apart)."""
+        f1, f2 = self._feats(feats1), self._feats(feats2)
+        C, L, K = self.num_classes, len(self.levels), self.queue_size
+        B = f1[0].shape[0]
+        J = masks.shape[1]
+        if J != (3 if gates is not None else 2) * C:
+            raise ValueError(f"CCP.step: masks have {J} channels; expected {2 * C} (IFE masks of "
+                             f"both subnets) or, with gates, {3 * C} (+ the label masks)")
+        if gates is not None and self.batch_size is not None and B != self.batch_size:
+            raise ValueError(f"CCP.step: batch {B} != batch_size {self.batch_size}")
+        if gates is not None and B > K:
+            raise ValueError(f"CCP.step: batch {B} > queue_size {K}")
+        with _no_autocast(f1[0]):
+            dt = _compute_dtype(*f1, *f2, masks)
+            sizes = tuple(tuple(int(n) for n in f.shape[2:]) for f in f1)
+            cst = self._consts(sizes, B, dt, f1[0].device)
+            Ftot = cst["Ftot"]
+            m_in = masks.to(dt)
+            mats = []
+            for size, pool in zip(sizes, cst["pools"]):
+                m = m_in
+                if tuple(m.shape[2:]) != size:
+                    m = F.interpolate(m, size=size, mode="bilinear" if len(size) == 2 else
+                                      "trilinear", align_corners=False)
+                m = (m > 0.5).to(dt).flatten(2).transpose(1, 2)  # [B, S_l, J]
+                mats.append(torch.cat([m, pool.expand(B, -1, -1)], 2))  # [B, S_l, J + G]
+            parts = [torch.bmm(f.to(dt).flatten(2), M) for fs in (f1, f2) for f, M in zip(fs, mats)]
+            R = torch.cat(parts, 1).view(B, 2, Ftot, -1)  # [B, subnet, F, J + G]
+            # IFE: prototypes of subnet k under its own masks, both subnets and every level
+            pi = R[..., :2 * C].view(B, 2, Ftot, 2, C).diagonal(dim1=1, dim2=3)  # [B, F, C, 2]
+            pb = (pi.permute(3, 0, 2, 1)[:, :, :, None, :] * cst["ife_w"]).reshape(2, -1, Ftot)
+            Q = self._Q.detach()
+            Q = Q.clone() if gates is not None and Q.dtype == dt else Q.to(dt)  # update follows
+            S = torch.matmul(pb, Q.view(2, Ftot, -1)).view(2, B, C, L, C, K)
+            lse = S.masked_fill(cst["own"], float("-inf")).flatten(4).logsumexp(-1)
+            pos = torch.matmul(pb, Q.mean(-1)).view(2, B, C, L, C).diagonal(dim1=2, dim2=4)
+            pos = pos.transpose(2, 3)  # [2, B, C, L]
+            ife = (torch.logaddexp(lse, pos) - pos).mean((1, 2, 3))
+            # IC: pooled cells of subnet 1 against those of subnet 2, every level
+            pool = R[..., J:]  # [B, 2, F, G]
+            gd = pool.shape[-1]
+            a = (pool[:, 0].transpose(1, 2)[None] * cst["ic_w"][:, None, None, :]).reshape(
+                L, B * gd, Ftot)
+            b = pool[:, 1].permute(1, 0, 2).reshape(Ftot, B * gd)
+            sim = torch.matmul(a, b)  # [L, B·G, B·G]
+            lse_ic = sim.masked_fill(cst["ic_drop"], float("-inf")).logsumexp(-1)
+            ic = (lse_ic - sim.diagonal(dim1=1, dim2=2)).mean()
+            if gates is not None:
+                self._enqueue(R[..., 2 * C:3 * C], gates, cst)
+        # the reference keeps these losses in float32 buffers (f32-rounded in a float64 run)
+        return ic.float(), ife.float()
+
+    @torch.no_grad()
+    def _enqueue(self, protos: Tensor, gates: Tensor, cst: dict) -> None:
+        """Write the label prototypes `protos` [B, 2, F, C] (sums over positions) into both
+        subnets' queues at every level where `gates` [2] is true, and advance the pointers."""
+        B, K = protos.shape[0], self.queue_size
+        Q, P = self._Q, self._P
+        new = (protos.detach() * cst["proto_scale"][:, None]).permute(1, 2, 3, 0)  # [2, F, C, B]
+        # shared: class c starts where class c−1 left the one pointer; per_class: its own
+        start = P[..., None] + cst["class_off"] if self.pointer == "shared" else P  # [2, L, C]
+        slots = (start[..., None] + cst["ar_b"]) % K  # [2, L, C, B]
+        idx = slots.index_select(1, cst["level_of_f"])  # [2, F, C, B]
+        g = gates.view(2, 1, 1, 1)
+        Q.scatter_(3, idx, torch.where(g, new.to(Q.dtype), Q.gather(3, idx)))
+        step = B * self.num_classes if self.pointer == "shared" else B
+        P.copy_(torch.where(gates.view(2, *([1] * (P.dim() - 1))), (P + step) % K, P))
