@@ -87,20 +87,22 @@ def test_sigmoid_pseudo_label_rule_hand_case():
         pass
     o = Out()
     o.P = torch.cat([torch.zeros_like(P), P])
-    Y, mask = obj._pseudo_targets(o, 1, torch.tensor(0.9))
-    assert mask is None and torch.equal(Y, want)
+    o.z1 = o.P
+    Y, Y_map, mask = obj._pseudo_targets(o, 1, torch.tensor(0.9), None)
+    assert mask is None and Y_map is None and torch.equal(Y, want)
     # IFE masks of the 2D-generic trainer: σ(z) itself (CCP resizes, then > 0.5)
-    assert torch.equal(obj._ife_masks(P), torch.sigmoid(P))
+    assert torch.equal(obj._soft_masks(P, None), torch.sigmoid(P))
 
 
 def test_binary_gates_hand_case():
     z = torch.tensor([[[[0.0, 0.0, 0.0, 0.0]], [[2.0, -2.0, 2.0, -2.0]]]])  # fg on pixels 0, 2
     y_oh = torch.tensor([[[[0.0, 1.0, 1.0, 1.0]], [[1.0, 0.0, 0.0, 0.0]]]])  # fg on pixel 0
-    obj = UCSegObjective(2, supervision="sigmoid", ccp=False)
-    hard = obj._gate(obj._probs(z), y_oh)
-    assert torch.allclose(hard, torch.tensor(2 * 1 / (2 + 1 + 1e-3)))
-    obj = UCSegObjective(2, supervision="sigmoid", ccp=False, queue_gate="soft")
-    soft = obj._gate(obj._probs(z), y_oh)
+    from ucseg_fast.losses import queue_gate
+    from ucseg_fast.ops import reference
+    # hard gate ([σ(z_1) > 0.5] against the class map), as the step computes it
+    _, stats = reference.prediction_stats(z, z, None, y_oh.argmax(1), binary=True)
+    assert torch.allclose(stats[2], torch.tensor(2 * 1 / (2 + 1 + 1e-3)))
+    soft = queue_gate(torch.sigmoid(z), y_oh, binary=True)
     s = torch.sigmoid(torch.tensor([2.0, -2.0, 2.0, -2.0]))
     assert torch.allclose(soft, 2 * s[0] / (s.sum() + 1 + 1e-3))
 

@@ -133,7 +133,7 @@ def test_apply_overrides_to_a_loaded_config():
     assert cfg.loss == base.loss and cfg.data.root == base.data.root  # the rest kept
     assert cfg == load_config(REPO / "configs" / "acdc_2d.toml", ["model.upg_head='fused'",
                                                          "data.img_size=[64,64]", "train.amp=none"]
-                              ) and base.model.upg_head == "torch"
+                              ) and base.model.upg_head == "auto"
     with pytest.raises(ConfigError, match="upg_head"):
         apply_overrides(base, ["model.upg_head='nope'"])
     with pytest.raises(ConfigError, match="expected section.key=value"):

@@ -101,8 +101,8 @@ def test_fused_losses_match_the_pytorch_chain(supervision, nms, mode, phase2, mo
     t_ref, g_ref = _one_step(model, objs[0], x, y, phase2)
     assert launches == []  # the default path never touches the fused kernels
     t_fus, g_fus = _one_step(model_f, objs[1], x, y, phase2)
-    # labeled z1, z2, P (single); fusion-mode unsup pair; phase-2 mixed pair
-    want = [False] * 3 + [True] * (mode == "fusion") + [True] * phase2
+    # labeled z1 + z2 (pair), P (single); fusion-mode unsup pair; phase-2 mixed pair
+    want = [True, False] + [True] * (mode == "fusion") + [True] * phase2
     assert launches == want
 
     assert t_ref.keys() == t_fus.keys()

@@ -207,11 +207,35 @@ def test_graph_guard_names_the_option():
         check_graph_capturable(nms=False, device=cuda, world_size=2, optimizer="foreach")
     with pytest.raises(ValueError, match="train.optimizer = 'apex'"):
         check_graph_capturable(nms=False, device=cuda, world_size=1, optimizer="apex")
-    from ucseg_fast.ops.components import _native_cuda
-    if _native_cuda() is None:
-        with pytest.raises(ValueError, match="loss.nms = true needs the native"):
-            check_graph_capturable(nms=True, device=cuda, world_size=1, optimizer="foreach")
+    from ucseg_fast.ops import set_backend
+    from ucseg_fast.ops import components
+    if components.cuda_backend() in ("native", "triton"):  # Triton (or the library) is sync-free
+        check_graph_capturable(nms=True, device=cuda, world_size=1, optimizer="foreach")
+    if components._native_cuda() is None:
+        set_backend("reference")  # no Triton: connected components would take the syncing path
+        try:
+            with pytest.raises(ValueError, match="loss.nms = true needs sync-free"):
+                check_graph_capturable(nms=True, device=cuda, world_size=1, optimizer="foreach")
+            with pytest.raises(ValueError, match="compile_mode = 'reduce-overhead'"):
+                check_graph_capturable(nms=True, device=cuda, world_size=2, optimizer="apex",
+                                       compile_mode="reduce-overhead")
+        finally:
+            set_backend("auto")
+    # a compile mode that captures graphs only checks the connected components
+    check_graph_capturable(nms=False, device=cuda, world_size=2, optimizer="apex",
+                           compile_mode="reduce-overhead")
     check_graph_capturable(nms=False, device=cuda, world_size=1, optimizer="fused")
+
+
+def test_auto_step_mode_resolves_per_device():
+    from ucseg_fast.train.step import resolve_step_mode
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    kw = dict(nms=False, optimizer="foreach")
+    assert resolve_step_mode("auto", device=cpu, world_size=1, **kw)[0] == "eager"
+    assert resolve_step_mode("auto", device=cuda, world_size=1, **kw)[0] == "graph"
+    mode, why = resolve_step_mode("auto", device=cuda, world_size=2, **kw)
+    assert mode == "compile" and "DDP" in why
+    assert resolve_step_mode("eager", device=cuda, world_size=1, **kw)[0] == "eager"
 
 
 # ---------------------------------------------------------------------------------------------

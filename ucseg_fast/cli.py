@@ -56,7 +56,7 @@ def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str)
                               "rest of the configuration comes from the checkpoint")
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=ov.data.root))
     device = resolve_device(device_name)
-    model = build_model(cfg)
+    model = build_model(cfg, device)
     load_model_state(model, tensors, checkpoint)
     model.to(device).eval()
 
@@ -215,6 +215,12 @@ def cmd_prepare(args, extra) -> int:
 
 
 def cmd_bench(args, extra) -> int:
+    if args.what == "report":
+        return _bench_report(args, extra)
+    if args.what == "ledger":
+        return _bench_ledger(args, extra)
+    if args.minutes is None:
+        args.minutes = 10.0
     if args.out is None:
         args.out = f"benchmarks/results/{'curves' if args.what == 'curves' else 'e2e'}"
     if args.what == "e2e":
@@ -238,6 +244,52 @@ def cmd_bench(args, extra) -> int:
                      nms=not args.no_nms, dims=args.dims)
     print(json.dumps(res, indent=1))
     return 0
+
+
+def _bench_ledger(args, extra) -> int:
+    """`bench ledger`: kernels, bytes and FLOPs of one step of each phase, counted on the CPU with
+    the options the CUDA path uses, and a roofline estimate for --card."""
+    import os
+    if "ucseg_fast.ops" not in sys.modules and not os.environ.get("TRITON_INTERPRET"):
+        # the fused ops' Triton kernels run in the interpreter on the CPU (set before any
+        # @triton.jit is defined, i.e. before the ops are imported)
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from .bench.ledger import CARDS, HostSyncError, step_ledger
+    from .ops._triton_utils import HAS_TRITON, interpret_mode
+    from .train.trainer import resolve_config
+    cfg = _config(args, extra)
+    # "auto" op choices as a CUDA machine resolves them: the fused ops when Triton exists
+    cfg = resolve_config(cfg, torch.device("cuda"))
+    uses_triton = (cfg.model.upg_head == "fused" or cfg.model.uncertainty == "fused"
+                   or cfg.loss.fused_losses is True or cfg.loss.nms)
+    if uses_triton and HAS_TRITON and not interpret_mode():
+        raise SystemExit("error: bench ledger runs the Triton kernels in the interpreter: set "
+                         "TRITON_INTERPRET=1 before the package is imported")
+    if args.card not in CARDS:
+        raise SystemExit(f"error: --card {args.card!r}; known: {', '.join(CARDS)}")
+    try:
+        led = step_ledger(cfg, card=args.card, sizes=not args.no_sizes, stream=args.stream)
+    except HostSyncError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(led.markdown(top=args.top))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(led.to_dict(), indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_report(args, extra) -> int:
+    """`bench report`: the whole engine on this card, report.md + report.json in --out."""
+    if extra:
+        raise SystemExit(f"error: unrecognised arguments {extra} for 'bench report'")
+    if not args.out:
+        raise SystemExit("error: bench report needs --out DIR")
+    from .bench.report import main_report
+    return main_report(args.out, data=args.data, minutes=8.0 if args.minutes is None
+                       else args.minutes, smoke=args.smoke)
 
 
 def _bench_curves(args, cfg) -> int:
@@ -368,8 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "UPG vs the PyTorch modules, with the bf16 noise floor), "
                                    "curves.json + curves.png in --out; exit 1 when a variant is "
                                    "not within tolerance. e2e and curves take config overrides "
-                                   "--section.key=value.")
-    b.add_argument("what", choices=("step", "e2e", "curves"))
+                                   "--section.key=value. bench report: the whole engine on this "
+                                   "card within --minutes (step table, connected components, "
+                                   "fused ops, UPG, data, graph-vs-eager equality, with --data "
+                                   "time to Dice), report.md + report.json in --out. bench "
+                                   "ledger: kernels, bytes and FLOPs of one training step of "
+                                   "each phase of --config, "
+                                   "counted on the CPU with the options the CUDA path uses, with a "
+                                   "roofline estimate for --card; fails on a host sync.")
+    b.add_argument("what", choices=("step", "e2e", "curves", "report", "ledger"))
     b.add_argument("--mode", choices=("eager", "compile", "graph"), default="eager",
                    help="step: how the step runs (e2e: use --train.step_mode=...)")
     b.add_argument("--compile-mode", default="default")
@@ -377,13 +436,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-nms", action="store_true",
                    help="step: pseudo-labels without the largest-component filter")
     b.add_argument("--config", default=str(REPO / "configs" / "acdc_2d.toml"),
-                   help="e2e / curves: TOML preset (default: the ACDC recipe)")
-    b.add_argument("--minutes", type=float, default=10.0, help="e2e: training-time budget")
+                   help="e2e / curves / ledger: TOML preset (default: the ACDC recipe)")
+    b.add_argument("--minutes", type=float, default=None,
+                   help="e2e: training-time budget (default 10); report: the whole report's "
+                        "budget (default 8)")
+    b.add_argument("--data", default=None, metavar="ROOT",
+                   help="report: also measure data throughput and time to Dice on this "
+                        "SSL4MIS-layout dataset")
+    b.add_argument("--card", default="H100",
+                   help="ledger: the card of the roofline estimate (H100, H200, A100)")
+    b.add_argument("--json", default=None, metavar="FILE", help="ledger: also write JSON here")
+    b.add_argument("--top", type=int, default=8,
+                   help="ledger: list the N most frequent ops of each part")
+    b.add_argument("--no-sizes", action="store_true",
+                   help="ledger: count kernels only (skip the fake-tensor pass at the real shape)")
+    b.add_argument("--stream", action="store_true",
+                   help="ledger: also count the training stream's kernels for one batch")
+    b.add_argument("--smoke", action="store_true",
+                   help="report: tiny shapes, the CPU-capable parts only (a test of the command)")
     b.add_argument("--val-every", type=int, default=None,
                    help="e2e: validate every K iterations (default: the preset's val_every)")
     b.add_argument("--out", default=None,
                    help="e2e / curves: output folder (default benchmarks/results/e2e, "
-                        "benchmarks/results/curves)")
+                        "benchmarks/results/curves); report: required")
     b.add_argument("--steps", type=int, default=None,
                    help="step: timed steps (default 20); curves: steps per variant (default 200)")
     b.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDES",

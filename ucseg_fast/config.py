@@ -66,13 +66,14 @@ class ModelConfig:
     in_channels: int = 3
     patch_size: int = 16
     unet_dropout: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
-    # "torch": plain PyTorch evidential uncertainty; "fused": the Triton op (CUDA). With
+    # "torch": plain PyTorch evidential uncertainty; "fused": the Triton op. With
     # upg_head = "fused" too, u is written straight into the attention's patch-token layout and
-    # the fused head reads A from it (UCSeg.fused_tokens).
-    uncertainty: str = "torch"
-    # UPG fusion head: "torch" (the reference module) or "fused" (Triton recompute sweeps,
-    # same parameters and state_dict)
-    upg_head: str = "torch"
+    # the fused head reads A from it (UCSeg.fused_tokens). "auto": fused on CUDA (with Triton),
+    # torch elsewhere.
+    uncertainty: str = "auto"
+    # UPG fusion head: "torch" (the reference module), "fused" (Triton recompute sweeps,
+    # same parameters and state_dict) or "auto" (fused on CUDA with Triton, torch elsewhere)
+    upg_head: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,11 @@ class LossConfig:
     # "softmax": CE + softmax Dice (the ACDC trainer); "sigmoid": BCE on the 2-channel one-hot,
     # σ Dice, per-channel σ > 0.5 pseudo-labels (the 2D-generic / 3D trainers, num_classes 2)
     supervision: str = "softmax"
-    # opt-in: CE/BCE + Dice (+ AU) of the labeled terms, the fusion-mode unsupervised terms and
-    # phase 2's mixed terms through the fused ops.fusion_loss kernels (same values, fp32)
-    fused_losses: bool = False
+    # CE/BCE + Dice (+ AU) of the labeled terms, the fusion-mode unsupervised terms and phase 2's
+    # mixed terms through the fused ops.fusion_loss kernels, and the step's predictions (maps,
+    # diff terms, gates) through ops.prediction_stats (same values, fp32): true / false, or
+    # "auto" = true on CUDA with Triton, false elsewhere
+    fused_losses: bool | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,9 @@ class TrainConfig:
     # bf16 autocast on CUDA; ignored on CPU (fp32).
     amp: str = "bf16"
     channels_last: bool = True
-    step_mode: str = "eager"
+    # "auto": one CUDA graph per phase on one GPU, torch.compile where a graph cannot be
+    # captured (DDP, apex, connected components that sync; the log says which), eager on CPU
+    step_mode: str = "auto"
     # torch.compile options of step_mode = "compile" (backend "aot_eager" = no Inductor, for tests)
     compile_mode: str = "default"
     compile_backend: str = "inductor"
@@ -156,15 +161,16 @@ _CHOICES = {
     ("data", "format"): ("ssl4mis", "folder", "nifti"),
     ("data", "mask_mode"): ("auto", "index", "binary"),
     ("data", "intensity"): ("auto", "minmax", "zscore", "none"),
-    ("model", "uncertainty"): ("torch", "fused"),
-    ("model", "upg_head"): ("torch", "fused"),
+    ("model", "uncertainty"): ("auto", "torch", "fused"),
+    ("model", "upg_head"): ("auto", "torch", "fused"),
+    ("loss", "fused_losses"): (True, False, "auto"),
     ("loss", "pseudo_mode"): ("fusion", "entropy", "fusion+mask"),
     ("loss", "queue_pointer"): ("shared", "per_class"),
     ("loss", "queue_init"): ("reference", "feature_norm"),
     ("loss", "queue_gate"): ("soft", "hard"),
     ("loss", "supervision"): ("softmax", "sigmoid"),
     ("train", "amp"): ("bf16", "fp16", "none"),
-    ("train", "step_mode"): ("eager", "compile", "graph"),
+    ("train", "step_mode"): ("auto", "eager", "compile", "graph"),
     ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune",
                                 "max-autotune-no-cudagraphs"),
     ("train", "compile_backend"): ("inductor", "aot_eager", "eager"),
@@ -200,6 +206,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if set(typing.get_args(tp)) == {bool, str}:  # a switch: true / false / "auto"
+        if not isinstance(value, (bool, str)):
+            raise ConfigError(f"{where}: expected true, false or \"auto\", got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
 

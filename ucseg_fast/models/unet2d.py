@@ -13,7 +13,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["UNet2D", "ConvBlock", "DownBlock", "UpBlock"]
+__all__ = ["UNet2D", "ConvBlock", "DownBlock", "UpBlock", "StepBatchNorm2d", "advance_bn_counters"]
+
+
+class StepBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` whose `num_batches_tracked` is advanced once per network forward for
+    all layers together (`advance_bn_counters`: one multi-tensor add) instead of one add kernel
+    per layer. Same parameters, buffers, state_dict and numbers: with a momentum set the counter
+    never enters the update (momentum=None, the cumulative average, keeps PyTorch's own path)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.track_running_stats) or self.momentum is None:
+            return super().forward(x)
+        self._check_input_dim(x)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
+                            self.momentum, self.eps)
+
+
+def advance_bn_counters(module: nn.Module) -> None:
+    """num_batches_tracked += 1 for every `StepBatchNorm2d` that skipped its own increment
+    (training mode, running statistics, a momentum): one `_foreach_add_` for all of them."""
+    counters = [m.num_batches_tracked for m in module.modules()
+                if type(m) is StepBatchNorm2d and m.training and m.track_running_stats
+                and m.momentum is not None and m.num_batches_tracked is not None]
+    if counters:
+        with torch.no_grad():
+            torch._foreach_add_(counters, 1)
 
 
 class ConvBlock(nn.Module):
@@ -25,11 +50,11 @@ class ConvBlock(nn.Module):
         # (BN's backward does not need its output) and save one activation buffer per layer.
         self.conv_conv = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-            nn.BatchNorm2d(out_channels),
+            StepBatchNorm2d(out_channels),
             nn.LeakyReLU(0.01, inplace=True),
             nn.Dropout(dropout_p),
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
-            nn.BatchNorm2d(out_channels),
+            StepBatchNorm2d(out_channels),
             nn.LeakyReLU(0.01, inplace=True),
         )
 
@@ -90,6 +115,7 @@ class UNet2D(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         e, d = self.encoder, self.decoder
+        advance_bn_counters(self)
         x0 = e.in_conv(x)
         x1 = e.down1(x0)
         x2 = e.down2(x1)

@@ -46,7 +46,7 @@ from ._triton_utils import (TILE_ELEMS, cdiv, check_logits, flat_layout, next_po
                             triton, triton_usable, use_triton)
 
 __all__ = ["segmentation_loss_terms", "SegmentationLossTerms", "fusion_unsup_losses",
-           "FusionUnsupLosses"]
+           "FusionUnsupLosses", "pair_loss_terms", "loss_rows"]
 
 _TARGET_PROGRAMS = 1024  # forward sweep: about 8 programs per SM on H100/H200
 _PART_BUDGET = 1 << 18  # max float32 partial-sum elements (3D with large C·D: fewer programs)
@@ -569,6 +569,42 @@ def segmentation_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, kind:
     return _as_terms(losses[0], kind, dice, lam_t is not None)
 
 
+def loss_rows(z1: torch.Tensor, z2: torch.Tensor | None, target: torch.Tensor, *,
+              kind: str = "ce", lam: torch.Tensor | float | None = None, dice: bool = True,
+              eps: float = 1e-5, op: str = "loss_rows",
+              names: tuple[str, str] = ("z1", "z2")) -> torch.Tensor:
+    """The loss terms of one or two logit maps against ONE target as one differentiable tensor
+    [K, 3] = (cls, dice, au) per map (0 for an absent term; K = 2 with z2): one forward sweep
+    (+ finalize) and one backward sweep for both maps. What a training step stacks into its
+    vector of terms directly (no per-term select, no select_backward in the backward)."""
+    lam_t = _check(op, z1, target, kind, lam, eps)
+    if z2 is not None:
+        a, b = names
+        check_logits(f"{op}: {b}", z2)
+        if z2.shape != z1.shape or z2.dtype != z1.dtype or z2.device != z1.device:
+            raise ValueError(f"{op}: {a} {z1.dtype} {tuple(z1.shape)} and {b} {z2.dtype} "
+                             f"{tuple(z2.shape)} must match in shape, dtype and device")
+    if not use_triton(z1):
+        return _ref_losses(z1, z2, target, lam_t, kind, dice, eps)
+    return _fl_op(z1, z2, target, lam_t, kind, bool(dice), float(eps))[0]
+
+
+def pair_loss_terms(z1: torch.Tensor, z2: torch.Tensor, target: torch.Tensor, *,
+                    kind: str = "ce", lam: torch.Tensor | float | None = None,
+                    dice: bool = True, eps: float = 1e-5, op: str = "pair_loss_terms",
+                    names: tuple[str, str] = ("z1", "z2")
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`segmentation_loss_terms` of two logit maps against ONE target in one forward sweep
+    (+ finalize) and one backward sweep: the target is read once per tile for both. Equals
+    (segmentation_loss_terms(z1, target, ...), segmentation_loss_terms(z2, target, ...)); with
+    `lam` both get their AU term (the two subnets' labeled terms of a UC-Seg step)."""
+    if z2 is None:
+        raise ValueError(f"{op}: z2 is required (one map: segmentation_loss_terms)")
+    rows = loss_rows(z1, z2, target, kind=kind, lam=lam, dice=dice, eps=eps, op=op, names=names)
+    au = lam is not None
+    return _as_terms(rows[0], kind, dice, au), _as_terms(rows[1], kind, dice, au)
+
+
 def fusion_unsup_losses(z1_u: torch.Tensor, z2_u: torch.Tensor, Y_u: torch.Tensor, *,
                         kind: str = "ce", eps: float = 1e-5
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -576,17 +612,8 @@ def fusion_unsup_losses(z1_u: torch.Tensor, z2_u: torch.Tensor, Y_u: torch.Tenso
     [B, *S] or one-hot [B, C, *S]) in one forward sweep (+ finalize) and one backward sweep:
     the target is read once per tile for both subnets. Equals
     (losses.unsup_terms(z1_u, Y, kind), losses.unsup_terms(z2_u, Y, kind))."""
-    op = "fusion_unsup_losses"
-    _check(op, z1_u, Y_u, kind, None, eps)
-    check_logits(f"{op}: z2_u", z2_u)
-    if z2_u.shape != z1_u.shape or z2_u.dtype != z1_u.dtype or z2_u.device != z1_u.device:
-        raise ValueError(f"{op}: z1_u {z1_u.dtype} {tuple(z1_u.shape)} and z2_u {z2_u.dtype} "
-                         f"{tuple(z2_u.shape)} must match in shape, dtype and device")
-    if not use_triton(z1_u):
-        return (reference.segmentation_loss_terms(z1_u, Y_u, kind=kind, eps=eps),
-                reference.segmentation_loss_terms(z2_u, Y_u, kind=kind, eps=eps))
-    losses, _ = _fl_op(z1_u, z2_u, Y_u, None, kind, True, float(eps))
-    return _as_terms(losses[0], kind, True, False), _as_terms(losses[1], kind, True, False)
+    return pair_loss_terms(z1_u, z2_u, Y_u, kind=kind, eps=eps, op="fusion_unsup_losses",
+                           names=("z1_u", "z2_u"))
 
 
 class SegmentationLossTerms(nn.Module):

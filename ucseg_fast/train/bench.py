@@ -4,15 +4,10 @@ batch 12+12, 256², 4 classes, softmax) or, with ``dims=3``, the LA recipe (3D, 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from ..models import build_ucseg_2d, build_ucseg_3d
-from .objective import UCSegObjective
-from .schedules import ScheduleTensors
 
 
 @dataclass
@@ -60,77 +55,74 @@ def synthetic_batch_3d(labeled_bs: int, unlabeled_bs: int, img: int, device: tor
                   x[labeled_bs:].to(device))
 
 
+def step_config(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4, nms: bool = True,
+                mode: str = "eager", compile_mode: str = "default",
+                compile_backend: str = "inductor", dims: int = 2, fused: bool | str = False):
+    """The Config of `bench step`: the ACDC recipe (the dataclass defaults) or, ``dims=3``, the
+    LA recipe (`configs/la_3d.toml`'s values), at the given batch / size / options."""
+    from ..config import Config, apply_overrides
+    if dims not in (2, 3):
+        raise ValueError(f"build_step: dims must be 2 or 3, got {dims}")
+    f = "true" if fused is True else ("false" if fused is False else '"auto"')
+    ov = [f"--data.labeled_bs={labeled_bs}", f"--data.unlabeled_bs={labeled_bs}",
+          f"--loss.nms={'true' if nms else 'false'}", f"--train.step_mode={mode}",
+          f"--train.compile_mode={compile_mode}", f"--train.compile_backend={compile_backend}",
+          f"--loss.fused_losses={f}"]
+    op = "fused" if fused is True else ("torch" if fused is False else "auto")
+    ov += [f"--model.uncertainty={op}", f"--model.upg_head={op}"]
+    if dims == 3:
+        ov += [f"--data.img_size=[{img},{img},{img}]", "--data.num_classes=2",
+               "--model.in_channels=1", "--loss.supervision=sigmoid", "--loss.queue_size=144",
+               "--loss.gate_base=0.2", "--loss.gate_span=0.56", "--loss.phase2_start=6000",
+               "--name=la_3d"]
+    else:
+        ov += [f"--data.img_size=[{img},{img}]", f"--data.num_classes={num_classes}"]
+    return apply_overrides(Config(), ov)
+
+
 def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
                device: str | torch.device = "auto", phase2: bool = False, nms: bool = True,
                mode: str = "eager", compile_mode: str = "default",
-               compile_backend: str = "inductor", dims: int = 2, fused: bool = False):
-    """(step(batch) -> loss, batch, device): the Trainer's StepRunner around a fresh model;
-    `mode` eager | compile | graph (graph: the first `warmup` calls are eager, then replays).
-    ``dims=3``: the LA recipe's step (3D pair, C = 2, sigmoid supervision, queues of 144,
-    phase 2 from 6 000); `num_classes` is then 2. ``fused=True``: the fused ops (evidential
-    uncertainty, UPG head, losses), as `model.uncertainty = model.upg_head = "fused"`,
-    `loss.fused_losses = true`."""
-    if dims not in (2, 3):
-        raise ValueError(f"build_step: dims must be 2 or 3, got {dims}")
-    from .step import StepRunner, check_graph_capturable, foreach_sgd_step
+               compile_backend: str = "inductor", dims: int = 2, fused: bool | str = False):
+    """(step(batch) -> loss, batch, device): the Trainer's own step (`StepCore`) around a fresh
+    model on a synthetic batch; `mode` auto | eager | compile | graph (graph: the first
+    `warmup` calls are eager, then replays). ``dims=3``: the LA recipe's step (3D pair, C = 2,
+    sigmoid supervision, queues of 144, phase 2 from 6 000); `num_classes` is then 2.
+    ``fused``: True = the fused ops (evidential uncertainty, UPG head, losses and predictions),
+    False = the PyTorch modules, "auto" = what the configuration's default picks (fused on
+    CUDA)."""
+    from .trainer import build_step_core
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
                        else device)
+    cfg = step_config(labeled_bs=labeled_bs, img=img, num_classes=num_classes, nms=nms, mode=mode,
+                      compile_mode=compile_mode, compile_backend=compile_backend, dims=dims,
+                      fused=fused)
     if mode == "graph":
+        from .step import check_graph_capturable
         check_graph_capturable(nms=nms, device=dev, world_size=1, optimizer="foreach")
     torch.manual_seed(0)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if dims == 3:
-        model = build_ucseg_3d(num_classes=2, in_channels=1, img_size=(img, img, img),
-                               head_impl="fused" if fused else "torch").to(dev)
-        mf = torch.channels_last_3d if dev.type == "cuda" else torch.contiguous_format
-        objective = UCSegObjective(2, nms=nms, supervision="sigmoid", queue_size=144,
-                                   fused_losses=fused).to(dev)
-        scalars = ScheduleTensors(dev, thr_base=0.2, thr_span=0.56)
-        scalars.update(7000 if phase2 else 3000)
-    else:
-        model = build_ucseg_2d(num_classes=num_classes, img_size=(img, img),
-                               head_impl="fused" if fused else "torch").to(dev)
-        mf = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-        objective = UCSegObjective(num_classes, nms=nms, fused_losses=fused).to(dev)
-        scalars = ScheduleTensors(dev)
-        scalars.update(13000 if phase2 else 3000)
-    if fused:
-        from ..ops import evidential_uncertainty
-        model.uncertainty_fn = evidential_uncertainty
-        model.fused_tokens = True
-    model.to(memory_format=mf)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5,
-                          foreach=True)
-    gen = torch.Generator(device=dev).manual_seed(1)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
-
-    def autocast():
-        return torch.autocast(dev.type, dtype=amp) if amp is not None else nullcontext()
-
-    runner = StepRunner(
-        model=model, mode=mode, device=dev, memory_format=mf, autocast=autocast,
-        forward=lambda m, x, y, p2: objective(m, x, y, scalars, p2, generator=gen),
-        update=lambda: foreach_sgd_step(opt, scalars.lr), generators=(gen,),
-        compile_mode=compile_mode, compile_backend=compile_backend)
+    core = build_step_core(cfg, dev)
+    t = cfg.loss.phase2_start + 1000 if phase2 else 3000 if dims == 2 else 3000
 
     def step(batch) -> torch.Tensor:
-        return runner(batch, phase2)["L"]
+        return core.step(batch, t)["L"]
     batch = (synthetic_batch_3d(labeled_bs, labeled_bs, img, dev) if dims == 3
              else synthetic_batch(labeled_bs, labeled_bs, img, num_classes, dev))
+    step.core = core  # type: ignore[attr-defined]
     return step, batch, dev
 
 
 def bench_step(*, steps: int = 20, warmup: int = 5, phase2: bool = False, device="auto",
                labeled_bs: int = 12, img: int = 256, mode: str = "eager",
                compile_mode: str = "default", compile_backend: str = "inductor",
-               nms: bool = True, dims: int = 2, fused: bool = False) -> dict:
+               nms: bool = True, dims: int = 2, fused: bool | str = False) -> dict:
     step, batch, dev = build_step(labeled_bs=labeled_bs, img=img, device=device, phase2=phase2,
                                   mode=mode, compile_mode=compile_mode,
                                   compile_backend=compile_backend, nms=nms, dims=dims,
                                   fused=fused)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(max(warmup, 4 if mode == "graph" else 1)):  # graph: 3 eager + capture
+    graph = step.core.runner.mode == "graph"  # type: ignore[attr-defined]
+    for _ in range(max(warmup, 4 if graph else 1)):  # graph: 3 eager + capture
         step(batch)
     sync()
     if dev.type == "cuda":
@@ -146,7 +138,7 @@ def bench_step(*, steps: int = 20, warmup: int = 5, phase2: bool = False, device
     tel = gpu.window()
     gpu.stop()
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "mode": mode, "phase": 2 if phase2 else 1, "batch": f"{labeled_bs}+{labeled_bs}",
+           "mode": step.core.runner.mode,  # type: ignore[attr-defined] "phase": 2 if phase2 else 1, "batch": f"{labeled_bs}+{labeled_bs}",
            "img": img, "dims": dims, "nms": nms, "fused": fused, "ms_per_step": dt * 1000, "img_per_s": 2 * labeled_bs / dt,
            "loss": float(loss), "torch": torch.__version__, **tel}  # sync-ok: after timing
     if dev.type == "cuda":

@@ -4,42 +4,57 @@
 one forward of the UC-Seg pair on labeled + unlabeled images, the supervised, pseudo-label,
 unsupervised and CCP terms, the gated queue update and, in phase 2, the copy-paste mixed
 forward. Everything stays on the device: the queue gate, the copy-paste box and branch are
-device tensors, so the step has no host synchronisation and can be captured as a CUDA graph
-(the CPU connected-component path of `nms` is the one exception, see ops.components).
+device tensors, so the step has no host synchronisation and can be captured as a CUDA graph.
 
-Call order follows the reference exactly, because it matters for the numbers: IFE of the
-un-mixed batch reads the queues before this step's update; the mixed IFE reads them after.
+Call order follows the reference where it matters for the numbers: IFE of the un-mixed batch
+reads the queues before this step's update; the mixed IFE reads them after.
+
+The step is written to launch few kernels (the ledger, `ucseg-fast bench ledger`, counts them):
+* every logit map is up-cast once and its softmax computed once, shared by the supervised and
+  unsupervised Dice terms, the diff terms, the gates and the argmax maps (PyTorch path);
+* the gradient-free predictions — the argmax maps of z1, z2 and P's unlabeled half, both diff
+  terms and both hard gates — are one op (`ops.prediction_stats`; a kernel with the fused ops,
+  its PyTorch oracle without), and one largest-component call labels all three maps;
+* CCP (IC, both IFEs, the gated update of both queues) runs every level at once
+  (`CCP.step`) from one mask tensor;
+* the loss terms are stacked into one vector; every derived term (sup, pseudo, unsup, mix,
+  L_1, L_2, L) is one matrix-vector product with coefficients that depend on w(t), so the
+  logged terms come back as one tensor (`StepTerms`) that the trainer accumulates with one add.
 
 `supervision` picks the reference trainer whose loss family is reproduced (METHOD.md §2):
 "softmax" = the ACDC trainer (CE, softmax Dice, argmax pseudo-labels); "sigmoid" = the
 2D-generic / 3D trainers (binary, C = 2: BCE on the 2-channel one-hot, σ Dice, AU on the same
 logits, pseudo-label [σ(P_c) > 0.5] per channel (with `nms`: the 3D rule [σ(P_1) ≥ 0.5] +
-largest component), IFE masks σ(z_k) resized then > 0.5, the diff terms on σ, the soft queue
-gate on channel 1 / the hard gate on [σ(z_1) > 0.5]). Logged term names stay `ce*` in both
-modes (the classification term: BCE under "sigmoid"), so logs keep one schema.
+largest component), IFE masks σ(z_k) resized then > 0.5 (with `nms` the one-hot of the 3D rule
+on z_k), the diff terms on σ, the soft queue gate on channel 1 / the hard gate on
+[σ(z_1) > 0.5]). Logged term names stay `ce*` in both modes (the classification term: BCE
+under "sigmoid"), so logs keep one schema.
 
-`fused_losses` (opt-in, `loss.fused_losses`) computes the un-masked CE/BCE + Dice (+ AU)
-terms with the fused kernels of `ops.fusion_loss` instead of the PyTorch chain: the labeled
-terms of z1, z2 and P (`segmentation_loss_terms` against the int class map), both subnets'
-unsupervised terms of the `fusion` mode in one pair sweep (`fusion_unsup_losses` against the
-pseudo-label as a class map when it is one — nms — or as its float one-hot/multi-hot when rows
-may be empty or multi-hot — nms off), and phase 2's mixed terms (pair sweep, float y_mix).
-Same values (fp32 rounding), same term names and addition orders; the masked modes'
-unsupervised terms keep the PyTorch path. Off = the PyTorch chain, unchanged.
+`fused_losses` (`loss.fused_losses`) computes the un-masked CE/BCE + Dice (+ AU) terms with the
+fused kernels of `ops.fusion_loss` (both subnets' labeled terms in one pair sweep, P's in one,
+both subnets' unsupervised terms in one, phase 2's mixed terms in one, against class maps where
+the target is one) and the predictions with the `ops.prediction_stats` kernel. Same values
+(fp32 rounding), same term names; the masked modes' unsupervised terms keep the PyTorch path.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..ccp import CCP
-from ..losses import acc, bce_loss, ce_loss, diff_loss, dice_loss, pseudo_total, queue_gate
-from ..losses import queue_gate_hard
-from ..losses import supervised_terms, supervised_total, unsup_total
-from ..pseudo_labels import copy_paste_box, copy_paste_mask, copy_paste_mix, fusion_pseudo_label
-from ..pseudo_labels import fusion_pseudo_label_map, one_hot, prediction_masks
+from ..losses import acc, au_loss, bce_loss, ce_loss, dice_loss, queue_gate
+from ..ops import entropy_pseudo_label, pseudo_label_loss
+from ..ops import reference as ops_ref
+from ..ops.components import largest_component
+from ..ops.fusion_loss import loss_rows
+from ..ops.predictions import prediction_stats
+from ..pseudo_labels import (copy_paste_box, copy_paste_box_size, copy_paste_branch,
+                             fusion_pseudo_label, one_hot)
+
+__all__ = ["UCSegObjective", "StepScalars", "StepTerms"]
 
 
 class StepScalars(Protocol):
@@ -49,6 +64,65 @@ class StepScalars(Protocol):
     lam: Tensor    # AU annealing factor λ_t (float32 value of the reference)
     thr: Tensor    # queue-gate threshold thr(t)
     tau: Tensor    # confidence threshold of the entropy / fusion+mask modes
+
+
+class StepTerms(Mapping):
+    """The logged loss terms of one step: `names` and one detached tensor `values` [n]
+    (device); `terms[name]` is a 0-D view. The trainer adds `values` to its window sums.
+    Slots whose name starts with "_" (e.g. the AU slot of an unlabeled loss row) are padding."""
+
+    def __init__(self, names: tuple[str, ...], values: Tensor) -> None:
+        self.names = names  # every slot of `values`; names starting with "_" are not terms
+        self.values = values
+        self._index = {n: i for i, n in enumerate(names) if not n.startswith("_")}
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.values[self._index[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+
+# Derived terms: name -> {term: coefficient, ("w", term): coefficient·w(t)}; `lc`, `lp` are
+# the CCP weights (embed_c_factor, embed_p_factor). Phase 1 (METHOD.md §2.2) and phase 2 (§2.3).
+def _derived(phase2: bool, lc: float, lp: float) -> dict[str, dict]:
+    d: dict[str, dict] = {}
+    for k in (1, 2):
+        d[f"sup{k}"] = {f"ce{k}_l": 1.0, f"au{k}": 1.0, f"dice{k}_l": 1.0}
+        d[f"unsup{k}"] = {f"ce{k}_u": 1.0, f"dice{k}_u": 1.0}
+        if phase2:
+            d[f"mix{k}"] = {f"ce{k}_m": 1.0, f"dice{k}_m": 1.0}
+    d["pseudo"] = {"diceP_l": 1.0, "ceP_l": 1.0, "auP": 1.0}
+    for k in (1, 2):
+        loss = dict(d[f"sup{k}"])
+        if not phase2:
+            loss.update({f"diff{k}": 0.5, f"ife{k}": lc})
+            loss.update({("w", t): c for t, c in d[f"unsup{k}"].items()})
+        else:
+            loss.update({f"diff{k}": 0.25, f"diffmix{k}": 0.25, f"ife{k}": 0.5 * lc,
+                         f"ife{k}mix": 0.5 * lc})
+            for t, c in {**d[f"unsup{k}"], **d[f"mix{k}"]}.items():
+                loss[("w", t)] = 0.5 * c
+        d[f"loss_{k}"] = loss
+    L: dict = {}
+    for k in (1, 2):
+        for t, c in d[f"loss_{k}"].items():
+            L[t] = L.get(t, 0.0) + 0.5 * c
+    for t, c in d["pseudo"].items():
+        L[t] = L.get(t, 0.0) + c
+    if not phase2:
+        L["ic"] = L.get("ic", 0.0) + lp
+    else:
+        L["ic"] = L.get("ic", 0.0) + 0.5 * lp
+        L["icmix"] = L.get("icmix", 0.0) + 0.5 * lp
+    d["L"] = L
+    return d
 
 
 class UCSegObjective(nn.Module):
@@ -83,207 +157,288 @@ class UCSegObjective(nn.Module):
         self.ccp = CCP(num_classes, channels=tuple(feature_channels), queue_size=queue_size,
                        temperature=contrast_temperature, pointer=queue_pointer,
                        queue_init=queue_init) if ccp else None
+        self._consts: dict = {}
 
     # ------------------------------------------------------------------------------------
-    def _prob(self, logits: Tensor) -> Tensor:
-        """softmax over C (ACDC) or per-channel σ (binary): what Dice, diff and gates read."""
-        return torch.sigmoid(acc(logits)) if self.binary else torch.softmax(acc(logits), 1)
-
-    def _cls_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        return bce_loss(logits, target) if self.binary else ce_loss(logits, target)
-
-    def _probs(self, z: Tensor) -> Tensor:
-        """Detached float32 probabilities (σ for binary, softmax otherwise), computed once per
-        forward and shared by the diff terms and the queue gates."""
-        z = z.detach().float()
+    def _prob(self, z: Tensor) -> Tensor:
+        """softmax over C (ACDC) or per-channel σ (binary) of an up-cast logit map."""
         return torch.sigmoid(z) if self.binary else torch.softmax(z, 1)
 
-    def _gate(self, prob: Tensor, y_l_oh: Tensor) -> Tensor:
-        """Queue gate of one subnet from its labeled-half probabilities."""
-        if self.binary:
-            if self.gate_mode == "soft":
-                return queue_gate(prob, y_l_oh, binary=True)
-            return queue_gate_hard((prob[:, 1] > 0.5).long(), y_l_oh.argmax(1), 2)
-        if self.gate_mode == "soft":
-            return queue_gate(prob, y_l_oh)
-        return queue_gate_hard(prob.argmax(1), y_l_oh.argmax(1), self.num_classes)
+    def _cls_loss(self, z: Tensor, target: Tensor) -> Tensor:
+        return bce_loss(z, target) if self.binary else ce_loss(z, target)
 
-    def _pseudo_targets(self, out, Bl: int, tau: Tensor):
-        """Hard pseudo-label of the unlabeled half (one-hot, detached) and its pixel mask
-        (None = every pixel counts, the reference's fusion mode)."""
+    def _ife_class_maps(self) -> bool:
+        """Whether the IFE masks are one-hots of class maps: argmax (+ largest component with
+        `nms`) in the softmax modes, the 3D rule [σ(z_1) ≥ 0.5] + largest component for binary
+        with `nms`; σ(z) itself (soft) for binary without `nms`."""
+        return self.nms or not self.binary
+
+    def _p_map(self) -> bool:
+        """Whether the pseudo-label of P is a class map (argmax / [σ(P_1) ≥ 0.5] + largest
+        component: `nms` in the fusion modes)."""
+        return self.nms and self.pseudo_mode != "entropy"
+
+    def draw_mix(self, spatial: tuple[int, ...], device: torch.device,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """The phase-2 copy-paste draw on the device: (box starts [d] int64, branch a 0-D bool).
+        Kept apart from the forward so a compiled step can draw outside the compiled region."""
+        return (copy_paste_box(spatial, generator=generator, device=device),
+                copy_paste_branch(generator=generator, device=device))
+
+    def _keep_labeled(self, spatial: tuple[int, ...], box: Tensor, branch: Tensor) -> Tensor:
+        """Bool [*S]: where the mixed image takes the labeled image (`copy_paste_mix`): outside
+        the zero box of M in branch a, inside it in branch b (pseudo_labels.copy_paste_mask)."""
+        def build():
+            grids = torch.meshgrid(*[torch.arange(n, device=box.device) for n in spatial],
+                                   indexing="ij")
+            nd = len(spatial)
+            return (torch.stack(grids), torch.tensor([copy_paste_box_size(n) for n in spatial],
+                                                     device=box.device).view(nd, *([1] * nd)))
+        coords, length = self._const(("coords", spatial, box.device), build)
+        d = coords - box.to(coords.device).view(-1, *([1] * len(spatial)))
+        inside = (torch.div(d, length, rounding_mode="floor") == 0).all(0)  # 0 <= d < length
+        return inside ^ torch.as_tensor(branch, device=inside.device)
+
+    def _coef(self, names: tuple[str, ...], phase2: bool, dtype: torch.dtype,
+              device: torch.device) -> tuple[tuple[str, ...], Tensor, Tensor]:
+        def build():
+            der = _derived(phase2, self.lambda_c, self.lambda_p)
+            idx = {n: i for i, n in enumerate(names)}
+            D0 = torch.zeros(len(der), len(names), dtype=torch.float64)
+            D1 = torch.zeros(len(der), len(names), dtype=torch.float64)
+            for r, (dn, coeffs) in enumerate(der.items()):
+                for t, v in coeffs.items():
+                    if isinstance(t, tuple):
+                        D1[r, idx[t[1]]] += v
+                    else:
+                        D0[r, idx[t]] += v
+            return (tuple(der), D0.to(dtype=dtype, device=device),
+                    D1.to(dtype=dtype, device=device))
+        return self._const(("coef", names, phase2, dtype, device), build)
+
+    def _const(self, key: tuple, build):
+        """A per-shape constant, built once (rebuilt, not cached, while torch.compile traces:
+        the compiled graph holds it)."""
+        if torch.compiler.is_compiling():
+            return build()
+        c = self._consts.get(key)
+        if c is None:
+            c = self._consts[key] = build()
+        return c
+
+    # ------------------------------------------------------------------------------------
+    def _predictions(self, z1: Tensor, z2: Tensor, P: Tensor | None, y_l: Tensor | None,
+                     probs: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """(maps, stats) of `ops.prediction_stats`: the kernel with the fused ops, else the
+        oracle on the probabilities already computed for the losses."""
+        if self.fused_losses:
+            return prediction_stats(z1, z2, P, y_l, binary=self.binary)
+        with torch.no_grad():
+            p1, p2 = (p.detach() for p in probs)
+            Bl = 0 if y_l is None else y_l.shape[0]
+            pP = self._prob(acc(P[Bl:].detach())) if P is not None else None
+            return ops_ref.prediction_stats_from_probs(p1, p2, pP, y_l, binary=self.binary)
+
+    def _soft_masks(self, z: Tensor, p: Tensor | None) -> Tensor:
+        """IFE masks that are not class maps: the one-hot of the argmax (ACDC, nms off) or
+        σ(z) itself (binary, nms off), float [B, C, *S]."""
+        with torch.no_grad():
+            if self.binary:
+                return p.detach() if p is not None else torch.sigmoid(acc(z.detach()))
+            return one_hot((p.detach() if p is not None else z.detach()).argmax(1),
+                           self.num_classes, torch.float64 if z.dtype == torch.float64
+                           else torch.float32)
+
+    def _pseudo_targets(self, out, Bl: int, tau: Tensor, maps_u: Tensor | None):
+        """(Y_u one-hot/multi-hot float [Bu, C, *S], Y_u class map or None, pixel mask or None)
+        of the unlabeled half; detached."""
         C = self.num_classes
+        ftype = torch.float64 if out.z1.dtype == torch.float64 else torch.float32
         with torch.no_grad():
             if self.pseudo_mode == "entropy":
-                from ..ops import entropy_pseudo_label
                 res = entropy_pseudo_label(out.z1[Bl:], out.z2[Bl:], tau)
-                return one_hot(res.labels, C, torch.float32), res.mask
-            Y_u = fusion_pseudo_label(out.P[Bl:].detach(), nms=self.nms, binary=self.binary)
+                return one_hot(res.labels, C, ftype), None, res.mask
+            if maps_u is not None:
+                Y_u = one_hot(maps_u, C, ftype)
+            else:
+                Y_u = fusion_pseudo_label(out.P[Bl:].detach(), nms=False, binary=self.binary)
+                Y_u = Y_u.to(ftype)
+            mask = None
             if self.pseudo_mode == "fusion+mask":
-                conf = torch.softmax(out.P[Bl:].float(), 1).amax(1)
-                return Y_u, conf >= tau
-            return Y_u, None
-
-    def _fusion_targets(self, out, Bl: int) -> tuple[Tensor, Tensor]:
-        """`fusion`-mode pseudo-label for the fused path: (Y_u one-hot [Bu, C, *S] float32, the
-        same target as the kernels read it). With `nms` Y_u is the one-hot of a class map, so
-        the map itself [Bu, *S] is passed (8 bytes a pixel instead of C floats); without `nms`
-        rows may be all zero (softmax) or multi-hot (σ), so the float map is passed. Same values
-        as `_pseudo_targets` (fusion_pseudo_label is one_hot of this map under nms)."""
-        with torch.no_grad():
-            P_u = out.P[Bl:].detach()
-            if self.nms:
-                y_map = fusion_pseudo_label_map(P_u, True, binary=self.binary)
-                return one_hot(y_map, self.num_classes), y_map
-            Y_u = fusion_pseudo_label(P_u, nms=False, binary=self.binary)
-            return Y_u, Y_u
-
-    @staticmethod
-    def _diff(p1: Tensor, p2: Tensor) -> tuple[Tensor, Tensor]:
-        """The reference's gradient-free BCE between the subnets (logged, added as constants);
-        on softmax (ACDC) or σ (binary) probabilities."""
-        return diff_loss(p1, p2), diff_loss(p2, p1)
-
-    def _ife_masks(self, z: Tensor) -> Tensor:
-        """IFE class masks of one subnet (CCP resizes them bilinearly, then > 0.5).
-        ACDC: one-hot of the (largest-CC) argmax. Binary: σ(z_k) itself (the 2D-generic
-        trainer), or with `nms` the one-hot of the 3D rule [σ(z_1) ≥ 0.5] + largest CC."""
-        if not self.binary:
-            return prediction_masks(z, nms=self.nms)
-        if self.nms:
-            return one_hot(fusion_pseudo_label_map(z, True, binary=True), 2)
-        return torch.sigmoid(acc(z))
-
-    def _contrast(self, out) -> tuple[Tensor, list[Tensor], list[list[Tensor]]]:
-        """IC and IFE of one forward (queues read as they are now) and the three feature levels."""
-        zero = out.z1.new_zeros((), dtype=torch.float32)
-        if self.ccp is None:
-            return zero, [zero, zero], [[], []]
-        f1, f2 = list(out.feats1[-3:]), list(out.feats2[-3:])
-        with torch.no_grad():
-            masks = [self._ife_masks(out.z1.detach()), self._ife_masks(out.z2.detach())]
-        ic = self.ccp.ic(f1, f2)[0]
-        ife = [self.ccp.ife(f1, masks[0], 1)[0], self.ccp.ife(f2, masks[1], 2)[0]]
-        return ic, ife, [f1, f2]
-
-    def _unsup(self, logits: Tensor, Y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """CE (BCE) + Dice against a hard target; masked variants average over kept pixels."""
-        if mask is None:
-            return self._cls_loss(logits, Y), dice_loss(self._prob(logits), Y)
-        from ..ops import pseudo_label_loss
-        labels = Y.argmax(1)
-        ce = pseudo_label_loss(logits, labels, mask)
-        m = mask.unsqueeze(1).to(torch.float32)
-        p = torch.softmax(acc(logits), 1) * m
-        return ce, dice_loss(p, Y * m)
+                mask = torch.softmax(out.P[Bl:].detach().float(), 1).amax(1) >= tau
+            return Y_u, maps_u, mask
 
     # ------------------------------------------------------------------------------------
     def forward(self, model: nn.Module, x: Tensor, y_l: Tensor, sched: StepScalars,
                 phase2: bool = False, *, mix_box: Tensor | None = None,
                 mix_branch_a: Tensor | None = None, generator: torch.Generator | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss of one step and its terms (0-D tensors, detached for logging).
+                ) -> tuple[Tensor, StepTerms]:
+        """Total loss of one step and its terms (detached, one tensor: `StepTerms`).
 
         x: [Bl+Bu, Cin, *S] images (labeled first); y_l: [Bl, *S] int class map.
-        mix_box / mix_branch_a fix the phase-2 copy-paste draw (tests); otherwise they are
+        mix_box / mix_branch_a fix the phase-2 copy-paste draw (`draw_mix`); otherwise they are
         drawn on the device from `generator`."""
+        L, values, names = self.forward_values(model, x, y_l, sched, phase2, mix_box=mix_box,
+                                               mix_branch_a=mix_branch_a, generator=generator)
+        return L, StepTerms(names, values)
+
+    def forward_values(self, model: nn.Module, x: Tensor, y_l: Tensor, sched: StepScalars,
+                       phase2: bool = False, *, mix_box: Tensor | None = None,
+                       mix_branch_a: Tensor | None = None,
+                       generator: torch.Generator | None = None
+                       ) -> tuple[Tensor, Tensor, tuple[str, ...]]:
+        """`forward` as (L, term values [n], term names): tensors and constants only, what a
+        `torch.compile(fullgraph=True)` step returns."""
         C = self.num_classes
         Bl = y_l.shape[0]
+        B = x.shape[0]
+        kind, fused = self.kind, self.fused_losses
         out = model(x)
         ftype = torch.float64 if out.z1.dtype == torch.float64 else torch.float32
-        y_oh = one_hot(y_l, C, ftype)
-        terms: dict[str, Tensor] = {}
+        ife_class, need_P = self._ife_class_maps(), self._p_map()
+        # the terms, as blocks of one tensor each (rows of a fused op, the stats vector, single
+        # values): one cat builds the vector, and its backward only narrows the gradient
+        blocks: list[tuple[Tensor, tuple[str, ...]]] = []
 
-        fused = self.fused_losses
-        fused_unsup = fused and self.pseudo_mode == "fusion"
+        def add(v: Tensor, *names: str) -> None:
+            blocks.append((v.reshape(-1), names))
+
+        # --- labeled terms of z1, z2 and P ---------------------------------------------------
+        probs = None
+        y_oh = None
         if fused:
-            from ..ops.fusion_loss import fusion_unsup_losses, segmentation_loss_terms
-
-        sup = []
-        for k, z in ((1, out.z1), (2, out.z2)):
-            if fused:
-                s = segmentation_loss_terms(z[:Bl], y_l, kind=self.kind, lam=sched.lam)
-            else:
-                s = supervised_terms(z[:Bl], y_oh, y_l, sched.lam, kind=self.kind)
-            sup.append(supervised_total(s))
-            terms.update({f"ce{k}_l": s[self.kind], f"au{k}": s["au"], f"dice{k}_l": s["dice"]})
-        if fused:
-            sP = segmentation_loss_terms(out.P[:Bl], y_l, kind=self.kind, lam=sched.lam)
+            add(loss_rows(out.z1[:Bl], out.z2[:Bl], y_l, kind=kind, lam=sched.lam),
+                "ce1_l", "dice1_l", "au1", "ce2_l", "dice2_l", "au2")
+            add(loss_rows(out.P[:Bl], None, y_l, kind=kind, lam=sched.lam),
+                "ceP_l", "diceP_l", "auP")
         else:
-            sP = supervised_terms(out.P[:Bl], y_oh, y_l, sched.lam, kind=self.kind)
-        pseudo = pseudo_total(sP)
-        terms.update({"ceP_l": sP[self.kind], "auP": sP["au"], "diceP_l": sP["dice"], "pseudo": pseudo})
+            z1f, z2f, zPf = acc(out.z1), acc(out.z2), acc(out.P[:Bl])
+            probs = (self._prob(z1f), self._prob(z2f))  # shared by every term below
+            y_oh = one_hot(y_l, C, ftype)
+            for k, z, p in (("1", z1f, probs[0]), ("2", z2f, probs[1]), ("P", zPf, None)):
+                p = self._prob(z) if p is None else p
+                add(self._cls_loss(z[:Bl], y_oh), f"ce{k}_l")
+                add(au_loss(z[:Bl], y_l, sched.lam), f"au{k}" if k != "P" else "auP")
+                add(dice_loss(p[:Bl], y_oh), f"dice{k}_l")
 
-        if fused_unsup:
-            Y_u, Y_tgt = self._fusion_targets(out, Bl)
-            mask_u = None
-            Y_u = Y_u.to(ftype)
-            if Y_tgt.is_floating_point():
-                Y_tgt = Y_u
-        else:
-            Y_u, mask_u = self._pseudo_targets(out, Bl, sched.tau)
-            Y_u = Y_u.to(ftype)
-
-        probs = (self._probs(out.z1), self._probs(out.z2))
-        diff = self._diff(*probs)
-        ic, ife, feats = self._contrast(out)
-        if self.ccp is not None:
-            # after this step's IFE, before the mixed IFE: the reference's order
+        # --- predictions: argmax maps, diff terms, hard gates; largest components ------------
+        maps, stats = self._predictions(out.z1, out.z2, out.P if need_P else None, y_l, probs)
+        if self.nms:  # one call labels z1's, z2's and P_u's maps
+            maps = largest_component(maps, C)
+        maps_u = maps[2 * B:] if need_P else None
+        gates = stats[2:]
+        if self.gate_mode == "soft":
             with torch.no_grad():
-                label_all = torch.cat([y_oh, Y_u], 0)
-                for k, (p, f) in enumerate(zip(probs, feats), start=1):
-                    gate = self._gate(p[:Bl], y_oh)
-                    terms[f"gate{k}"] = gate
-                    self.ccp.enqueue([t.detach() for t in f], label_all, k, gate > sched.thr)
-
-        unsup = []
-        if fused_unsup:
-            pair = fusion_unsup_losses(out.z1[Bl:], out.z2[Bl:], Y_tgt, kind=self.kind)
-            for k, t in enumerate(pair, start=1):
-                unsup.append(unsup_total(t))  # ce + dice, as below
-                terms.update({f"ce{k}_u": t[self.kind], f"dice{k}_u": t["dice"]})
+                ps = probs if probs is not None else (self._prob(acc(out.z1.detach())),
+                                                      self._prob(acc(out.z2.detach())))
+                y_g = y_oh if y_oh is not None else one_hot(y_l, C, ftype)
+                gates = torch.stack([queue_gate(p.detach()[:Bl], y_g, binary=self.binary)
+                                     for p in ps]).to(stats.dtype)
+            add(stats[:2], "diff1", "diff2")
+            add(gates, "gate1", "gate2")
         else:
-            for k, z in ((1, out.z1), (2, out.z2)):
-                ce_u, dice_u = self._unsup(z[Bl:], Y_u, mask_u)
-                unsup.append(ce_u + dice_u)
-                terms.update({f"ce{k}_u": ce_u, f"dice{k}_u": dice_u})
-        terms.update({"ic": ic, "ife1": ife[0], "ife2": ife[1], "diff1": diff[0], "diff2": diff[1]})
+            add(stats, "diff1", "diff2", "gate1", "gate2")
+
+        # --- pseudo-label and unlabeled terms ------------------------------------------------
+        Y_u, Y_map, mask_u = self._pseudo_targets(out, Bl, sched.tau, maps_u)
+        if fused and mask_u is None:
+            add(loss_rows(out.z1[Bl:], out.z2[Bl:], Y_map if Y_map is not None else Y_u,
+                          kind=kind), "ce1_u", "dice1_u", "_au1_u", "ce2_u", "dice2_u", "_au2_u")
+        else:
+            if probs is None:
+                z1f, z2f = acc(out.z1), acc(out.z2)
+                probs = (self._prob(z1f), self._prob(z2f))
+            for k, z, p in ((1, z1f, probs[0]), (2, z2f, probs[1])):
+                if mask_u is None:
+                    add(self._cls_loss(z[Bl:], Y_u), f"ce{k}_u")
+                    add(dice_loss(p[Bl:], Y_u), f"dice{k}_u")
+                else:
+                    add(pseudo_label_loss(out.z1[Bl:] if k == 1 else out.z2[Bl:], Y_u.argmax(1),
+                                          mask_u), f"ce{k}_u")
+                    m = mask_u.unsqueeze(1).to(p.dtype)
+                    add(dice_loss(p[Bl:] * m, Y_u * m), f"dice{k}_u")
         if mask_u is not None:
-            terms["mask_frac"] = mask_u.float().mean()
+            add(mask_u.float().mean().to(ftype), "mask_frac")
 
-        if not phase2:
-            L_k = [sup[i] + 0.5 * diff[i] + sched.w * unsup[i] + self.lambda_c * ife[i]
-                   for i in range(2)]
-            L = 0.5 * (L_k[0] + L_k[1]) + pseudo + self.lambda_p * ic
-        else:
-            spatial = tuple(x.shape[2:])
-            if mix_box is None:
-                mix_box = copy_paste_box(spatial, generator=generator, device=x.device)
-            if mix_branch_a is None:
-                mix_branch_a = torch.rand((), generator=generator, device=x.device) > 0.5
-            M = copy_paste_mask(spatial, mix_box, dtype=x.dtype, device=x.device)
-            x_mix, y_mix = copy_paste_mix(x[:Bl], x[Bl:], y_oh, Y_u, M, mix_branch_a)
-            outm = model(x_mix)
-            mix, diffmix = [], []
-            if fused:
-                # y_mix stays a float one-hot: it mixes the (possibly multi-hot) Y_u with y_oh
-                pair = fusion_unsup_losses(outm.z1, outm.z2, y_mix, kind=self.kind)
-                for k, t in enumerate(pair, start=1):
-                    mix.append(unsup_total(t))  # ce + dice, as below
-                    terms.update({f"ce{k}_m": t[self.kind], f"dice{k}_m": t["dice"]})
+        # --- CCP: IC, IFE (queues as they are), then the gated queue update -----------------
+        if self.ccp is not None:
+            if ife_class and Y_map is not None:
+                label = torch.cat([y_l.to(maps.dtype), Y_map])
+                masks = self._onehot_stack(maps[:B], maps[B:2 * B], label, ftype)
             else:
-                for k, z in ((1, outm.z1), (2, outm.z2)):
-                    ce_m = self._cls_loss(z, y_mix)
-                    dice_m = dice_loss(self._prob(z), y_mix)
-                    mix.append(ce_m + dice_m)
-                    terms.update({f"ce{k}_m": ce_m, f"dice{k}_m": dice_m})
-            diffmix = self._diff(self._probs(outm.z1), self._probs(outm.z2))
-            icm, ifem, _ = self._contrast(outm)
-            terms.update({"icmix": icm, "ife1mix": ifem[0], "ife2mix": ifem[1],
-                          "diffmix1": diffmix[0], "diffmix2": diffmix[1],
-                          "mix1": mix[0], "mix2": mix[1]})
-            L_k = [sup[i] + 0.25 * (diff[i] + diffmix[i]) + 0.5 * sched.w * (unsup[i] + mix[i])
-                   + self.lambda_c * (ife[i] + ifem[i]) * 0.5 for i in range(2)]
-            L = 0.5 * (L_k[0] + L_k[1]) + pseudo + self.lambda_p * (icm + ic) * 0.5
-        terms.update({"sup1": sup[0], "sup2": sup[1], "unsup1": unsup[0], "unsup2": unsup[1],
-                      "loss_1": L_k[0], "loss_2": L_k[1], "L": L})
-        return L, {k: v.detach() for k, v in terms.items()}
+                y_all = torch.cat([y_oh if y_oh is not None else one_hot(y_l, C, ftype), Y_u])
+                masks = torch.cat(self._ife_masks(out, maps, probs, B) + [y_all.to(ftype)], 1)
+            ic, ife = self.ccp.step(out.feats1, out.feats2, masks, gates=gates > sched.thr)
+        else:
+            ic, ife = out.z1.new_zeros((), dtype=ftype), out.z1.new_zeros(2, dtype=ftype)
+        add(ic, "ic")
+        add(ife, "ife1", "ife2")
+
+        # --- phase 2: copy-paste mix and the mixed forward ----------------------------------
+        if phase2:
+            spatial = tuple(x.shape[2:])
+            if mix_box is None or mix_branch_a is None:
+                box, branch = self.draw_mix(spatial, x.device, generator)
+                mix_box = box if mix_box is None else mix_box
+                mix_branch_a = branch if mix_branch_a is None else mix_branch_a
+            keep = self._keep_labeled(spatial, mix_box, mix_branch_a)
+            x_mix = torch.where(keep, x[:Bl], x[Bl:])
+            if Y_map is not None:
+                y_mix = torch.where(keep, y_l, Y_map)  # class map
+            else:
+                y_mix = torch.where(keep, y_oh if y_oh is not None else one_hot(y_l, C, ftype), Y_u)
+            outm = model(x_mix)
+            pm = None
+            if fused:
+                add(loss_rows(outm.z1, outm.z2, y_mix, kind=kind),
+                    "ce1_m", "dice1_m", "_au1_m", "ce2_m", "dice2_m", "_au2_m")
+            else:
+                y_mix_t = y_mix if y_mix.dim() == outm.z1.dim() else one_hot(y_mix, C, ftype)
+                zm = (acc(outm.z1), acc(outm.z2))
+                pm = (self._prob(zm[0]), self._prob(zm[1]))
+                for k, z, p in ((1, zm[0], pm[0]), (2, zm[1], pm[1])):
+                    add(self._cls_loss(z, y_mix_t), f"ce{k}_m")
+                    add(dice_loss(p, y_mix_t), f"dice{k}_m")
+            maps_m, stats_m = self._predictions(outm.z1, outm.z2, None, None, pm)
+            add(stats_m[:2], "diffmix1", "diffmix2")
+            if self.ccp is not None:
+                if ife_class:
+                    if self.nms:
+                        maps_m = largest_component(maps_m, C)
+                    masks_m = self._onehot_stack(maps_m[:Bl], maps_m[Bl:], None, ftype)
+                else:
+                    masks_m = torch.cat(self._ife_masks(outm, maps_m, pm, Bl), 1)
+                icm, ifem = self.ccp.step(outm.feats1, outm.feats2, masks_m)
+            else:
+                icm, ifem = ic, ife
+            add(icm, "icmix")
+            add(ifem, "ife1mix", "ife2mix")
+
+        # --- every derived term and L: one matrix-vector product ----------------------------
+        names = tuple(n for _, ns in blocks for n in ns)
+        base = torch.cat([v if v.dtype == ftype else v.to(ftype) for v, _ in blocks])
+        der_names, D0, D1 = self._coef(names, phase2, ftype, base.device)
+        derived = torch.mv(torch.addcmul(D0, D1, sched.w.to(ftype)), base)
+        values = torch.cat([base, derived]).detach()
+        return derived[-1], values, names + der_names
+
+    def _onehot_stack(self, m1: Tensor, m2: Tensor, label: Tensor | None,
+                      ftype: torch.dtype) -> Tensor:
+        """[B, J·C, *S] float one-hots of the IFE maps of both subnets (and the label map)."""
+        C = self.num_classes
+        maps = torch.stack([m1, m2] + ([label] if label is not None else []), 1)  # [B, J, *S]
+        cls = self._const(("classes", C, maps.dim(), maps.dtype, maps.device),
+                          lambda: torch.arange(C, dtype=maps.dtype, device=maps.device).view(
+                              1, 1, C, *([1] * (maps.dim() - 2))))
+        oh = (maps.unsqueeze(2) == cls).to(ftype)  # [B, J, C, *S]
+        return oh.flatten(1, 2)
+
+    def _ife_masks(self, out, maps: Tensor, probs, B: int) -> list[Tensor]:
+        """IFE masks of both subnets when they are not (all) class maps."""
+        if self._ife_class_maps():
+            return [one_hot(maps[:B], self.num_classes, torch.float64 if out.z1.dtype ==
+                            torch.float64 else torch.float32),
+                    one_hot(maps[B:2 * B], self.num_classes, torch.float64 if out.z1.dtype ==
+                            torch.float64 else torch.float32)]
+        return [self._soft_masks(out.z1, probs[0] if probs is not None else None),
+                self._soft_masks(out.z2, probs[1] if probs is not None else None)]

@@ -138,6 +138,8 @@ class ScheduleTensors:
             "thr": queue_threshold(t, self.T, self.thr_base, self.thr_span),
         }
 
+    DEVICE_WRITES = 4  # kernels `update` launches: one fill_ per device scalar
+
     def update(self, t: int) -> None:
         """Write the values for step t into the existing tensors (in place)."""
         v = self.values(t)

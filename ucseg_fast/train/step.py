@@ -11,32 +11,42 @@ Why the step can be captured whole:
   freeze), so the momentum update is written here with `torch._foreach_*` ops on the state of a
   plain `torch.optim.SGD` (same state layout, so checkpoints are unchanged);
 * the batch is copied (`copy_`) into static buffers; the phase-2 copy-paste box and branch are
-  drawn on the device from `mix_generator`, which is registered with the graph
-  (`CUDAGraph.register_generator_state`); dropout uses the default CUDA generator, which graph
-  capture tracks by itself.
+  drawn on the device from `mix_generator` (`prepare`, just before the forward), which is
+  registered with the graph (`CUDAGraph.register_generator_state`); dropout uses the default
+  CUDA generator, which graph capture tracks by itself;
+* connected components run the native library or the Triton union-find, both a fixed number
+  of kernels without a host sync (`ops.components`);
+* every fp32 weight is cast to bf16 by one op (`precision.WeightCast`), whose outputs the
+  graph's memory pool holds like any other activation.
 
 What cannot be captured, and is refused by `check_graph_capturable` (naming the option):
-* `loss.nms = true` without the native CUDA connected-components library: the PyTorch fallback
-  iterates to convergence with a host-side check, the CPU path calls scipy;
+* `loss.nms = true` where connected components would take the PyTorch fallback (neither Triton
+  nor the native library): it iterates to convergence with a host-side check;
 * DDP (world size > 1): the all-reduce of the gradients is not captured here;
 * `train.optimizer = "apex"`: FusedSGD takes lr as a host float, which a graph would freeze.
+The same check guards `torch.compile` modes that capture CUDA graphs themselves
+(`compile_mode` "reduce-overhead", "max-autotune"): there only the connected components count.
 
-"graph" mode: each phase runs `graph_warmup` eager steps on a side stream (real training steps
-— cuDNN autotuning, Triton JIT and the momentum buffers happen there), then captures one graph
-for that phase and replays it; phase 1's graph is dropped when phase 2 starts. Off CUDA, graph
-mode warns and runs eager steps. "compile" mode compiles the forward + objective with
-`torch.compile` (backward runs the compiled backward, SGD stays foreach).
+"auto" (`resolve_step_mode`): graph on one GPU, compile where a graph is refused (the reason is
+logged), eager off CUDA. "graph" mode: each phase runs `graph_warmup` eager steps on a side
+stream (real training steps — cuDNN autotuning, Triton JIT and the momentum buffers happen
+there), then captures one graph for that phase and replays it; phase 1's graph is dropped when
+phase 2 starts. Off CUDA, graph mode warns and runs eager steps. "compile" mode compiles the
+forward + objective with `torch.compile(fullgraph=True)` — a graph break is an error, never a
+silent split; the copy-paste draw happens before, outside the compiled region — the backward
+runs the compiled backward, SGD stays foreach.
 """
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
-from typing import Any, Callable
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StepRunner", "foreach_sgd_step", "check_graph_capturable", "apex_fused_sgd"]
+__all__ = ["StepRunner", "foreach_sgd_step", "check_graph_capturable", "resolve_step_mode",
+           "apex_fused_sgd"]
 
 
 def apex_fused_sgd():
@@ -88,40 +98,86 @@ def foreach_sgd_step(optimizer: torch.optim.SGD, lr: Tensor) -> None:
 
 
 def check_graph_capturable(*, nms: bool, device: torch.device, world_size: int,
-                           optimizer: str) -> None:
-    """Raise ValueError naming the option when a configuration cannot be one CUDA graph."""
+                           optimizer: str, compile_mode: str | None = None) -> None:
+    """Raise ValueError naming the option when a configuration cannot be one CUDA graph.
+    With `compile_mode` (a torch.compile mode that captures CUDA graphs) only what breaks a
+    capture inside the compiled forward is checked: the connected components."""
     if device.type != "cuda":
         return  # graph mode falls back to eager off CUDA (with a warning)
+    if compile_mode is not None:
+        if nms and not _sync_free_components(device):
+            raise ValueError(f"train.compile_mode = {compile_mode!r} captures CUDA graphs, and "
+                             "loss.nms = true would take the PyTorch connected components, "
+                             "which sync with the host: pip install triton or make native, or "
+                             "use compile_mode 'default' / 'max-autotune-no-cudagraphs'")
+        return
     if world_size > 1:
         raise ValueError("train.step_mode = 'graph' is not supported with DDP (world size "
                          f"{world_size}): use step_mode 'compile' or 'eager' for multi-GPU runs")
     if optimizer == "apex":
         raise ValueError("train.step_mode = 'graph' cannot capture train.optimizer = 'apex' "
                          "(FusedSGD reads lr as a host float); use 'foreach' or 'fused'")
-    if nms:
-        from ..ops.components import _native_cuda
-        if _native_cuda() is None:
-            raise ValueError("train.step_mode = 'graph' with loss.nms = true needs the native "
-                             "CUDA connected-components library (libucseg_native.so; the PyTorch "
-                             "fallback syncs to check convergence): build it (make native) or set "
-                             "loss.nms = false")
+    if nms and not _sync_free_components(device):
+        raise ValueError("train.step_mode = 'graph' with loss.nms = true needs sync-free "
+                         "connected components on the GPU: Triton (pip install triton) or the "
+                         "native library (make native); the PyTorch fallback syncs to check "
+                         "convergence. Or set loss.nms = false")
+
+
+def _sync_free_components(device: torch.device) -> bool:
+    from ..ops.components import cuda_backend
+    return cuda_backend() in ("native", "triton")
+
+
+def resolve_step_mode(requested: str, *, nms: bool, device: torch.device, world_size: int,
+                      optimizer: str) -> tuple[str, str]:
+    """(mode, why) for `train.step_mode`: "auto" = one CUDA graph per phase on one GPU; where
+    a graph cannot be captured (DDP, apex, connected components that sync) torch.compile of
+    the step; eager steps off CUDA. An explicit mode is kept as it is."""
+    if requested != "auto":
+        return requested, f"step_mode {requested!r} (configured)"
+    if device.type != "cuda":
+        return "eager", f"step_mode auto: eager steps on {device.type}"
+    try:
+        check_graph_capturable(nms=nms, device=device, world_size=world_size,
+                               optimizer=optimizer)
+    except ValueError as e:
+        return "compile", f"step_mode auto: torch.compile (no CUDA graph: {e})"
+    return "graph", "step_mode auto: one CUDA graph per phase"
+
+
+def _no_part(name: str) -> ContextManager[None]:
+    return nullcontext()
 
 
 class StepRunner:
     """Runs one training step in `mode` ("eager" | "compile" | "graph").
 
-    forward(model, x, y_l, phase2) -> (loss, terms) is the objective closure; `update` is the
-    optimizer update (reads device scalars only). `__call__(batch, phase2)` returns the detached
-    loss terms (device tensors; in graph mode the graph's static outputs, valid until the next
-    step — the Trainer adds them to its accumulators at once)."""
+    forward(model, x, y_l, phase2, **prepared) -> (loss, values, names) is the objective
+    closure (`UCSegObjective.forward_values`); `prepare(x, phase2)` -> dict runs just before it,
+    eagerly in every mode (the phase-2 copy-paste draw: a compiled step stays one graph without
+    random draws of its own); `update` is the optimizer update (reads device scalars only).
+    `__call__(batch, phase2)` returns the detached loss terms as `StepTerms` (in graph mode the
+    graph's static outputs, valid until the next step — the Trainer adds them to its sums at
+    once). "compile" compiles the forward with `fullgraph=True`: a graph break is an error,
+    never a silent split."""
 
-    def __init__(self, *, model: nn.Module, forward: Callable[..., tuple[Tensor, dict[str, Tensor]]],
+    def __init__(self, *, model: nn.Module, forward: Callable[..., tuple[Tensor, Tensor, tuple]],
                  update: Callable[[], None], mode: str, device: torch.device,
                  memory_format: torch.memory_format = torch.contiguous_format,
                  autocast: Callable[[], Any] = nullcontext,
                  generators: tuple[torch.Generator, ...] = (), warmup: int = 3,
-                 compile_mode: str = "default", compile_backend: str = "inductor") -> None:
+                 compile_mode: str = "default", compile_backend: str = "inductor",
+                 weight_cast: Any = None,
+                 prepare: Callable[[Tensor, bool], dict[str, Tensor]] | None = None) -> None:
+        self.prepare = prepare
         self.model, self.update = model, update
+        # `train.precision.WeightCast`: one cast of every low-precision weight per step (eager
+        # and graph steps; a compiled step leaves the casts to autocast and Inductor)
+        self.weight_cast = weight_cast if weight_cast and mode != "compile" else None
+        # part(name) -> context manager around each stage of the step; the ledger uses it to
+        # attribute every op to a part (input, weights, forward, backward, optimizer)
+        self.part: Callable[[str], ContextManager[Any]] = _no_part
         self.device, self.memory_format, self.autocast = device, memory_format, autocast
         self.generators = generators
         self.warmup = max(int(warmup), 1)
@@ -135,7 +191,7 @@ class StepRunner:
             kw: dict[str, Any] = {"backend": compile_backend}
             if compile_backend == "inductor":
                 kw["mode"] = compile_mode
-            self._forward = torch.compile(forward, **kw)
+            self._forward = torch.compile(forward, fullgraph=True, **kw)
         self.reset()
 
     def reset(self) -> None:
@@ -146,13 +202,26 @@ class StepRunner:
         self._static: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------------------------
-    def _body(self, x_l: Tensor, y_l: Tensor, x_u: Tensor, phase2: bool) -> dict[str, Tensor]:
-        x = torch.cat([x_l, x_u], 0).contiguous(memory_format=self.memory_format)
-        with self.autocast():
-            loss, terms = self._forward(self.model, x, y_l, phase2)
-        loss.backward()
-        self.update()
-        return terms
+    @contextmanager
+    def _weights(self, phase2: bool) -> Iterator[None]:
+        if self.weight_cast is None:
+            yield
+            return
+        with self.weight_cast(self.part, uses=2 if phase2 else 1):  # phase 2: two forwards
+            yield
+
+    def _body(self, x_l: Tensor, y_l: Tensor, x_u: Tensor, phase2: bool):
+        from .objective import StepTerms
+        with self.part("input"):
+            x = torch.cat([x_l, x_u], 0).contiguous(memory_format=self.memory_format)
+        with self.autocast(), self._weights(phase2), self.part("forward"):
+            kw = self.prepare(x, phase2) if self.prepare is not None else {}
+            loss, values, names = self._forward(self.model, x, y_l, phase2, **kw)
+        with self.part("backward"):
+            loss.backward()
+        with self.part("optimizer"):
+            self.update()
+        return StepTerms(names, values)
 
     def _eager(self, x_l: Tensor, y_l: Tensor, x_u: Tensor, phase2: bool) -> dict[str, Tensor]:
         self.model.zero_grad(set_to_none=True)

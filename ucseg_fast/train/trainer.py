@@ -32,7 +32,8 @@ from .objective import UCSegObjective
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_flag,
                           gather_to_main, init_from_env)
 from .schedules import ScheduleTensors
-from .step import StepRunner, apex_fused_sgd, check_graph_capturable, foreach_sgd_step
+from .step import (StepRunner, apex_fused_sgd, check_graph_capturable, foreach_sgd_step,
+                   resolve_step_mode)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,18 +65,11 @@ class Trainer:
             self.device = torch.device("cuda", self.device.index or 0)
             torch.cuda.set_device(self.device)
         seed_everything(tc.seed)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp) \
-            if self.device.type == "cuda" else None
         if tc.amp == "fp16" and self.device.type == "cuda":
             raise ValueError("train.amp = 'fp16' needs a GradScaler, which this trainer does "
                              "not use; choose 'bf16' or 'none'")
-        if tc.step_mode == "graph":
-            check_graph_capturable(nms=cfg.loss.nms, device=self.device,
-                                   world_size=self.dist.world_size, optimizer=tc.optimizer)
+        cfg = resolve_config(cfg, self.device)  # "auto" choices as this device runs them
+        self.cfg = cfg
 
         # The stream (torch or DALI backend; SSL4MIS or image-folder format; optional unlabeled
         # manifest) and the validation data come from the [data] section alone.
@@ -87,44 +81,13 @@ class Trainer:
             raise ValueError(f"{dc.root}: colour image folder, but model.in_channels = "
                              f"{cfg.model.in_channels}; set model.in_channels = 3")
 
-        self.model = build_model(cfg)
-        self.model.to(self.device)
-        self.memory_format = memory_format_for(cfg)
-        self.model.to(memory_format=self.memory_format)
-        self.objective = UCSegObjective(
-            dc.num_classes, pseudo_mode=lc.pseudo_mode, nms=lc.nms,
-            embed_c_factor=lc.embed_c_factor, embed_p_factor=lc.embed_p_factor, ccp=lc.ccp,
-            queue_size=lc.queue_size, contrast_temperature=lc.contrast_temperature,
-            queue_pointer=lc.queue_pointer, queue_init=lc.queue_init,
-            queue_gate=lc.queue_gate, supervision=lc.supervision,
-            fused_losses=lc.fused_losses).to(self.device)
-        self.scalars = ScheduleTensors(
-            self.device, base_lr=tc.base_lr, T=tc.max_iterations, consistency=lc.consistency,
-            rampup=lc.consistency_rampup, unsup_factor=lc.unsup_factor,
-            epoch_len=lc.rampup_epoch_len, thr_base=lc.gate_base, thr_span=lc.gate_span,
-            confidence_threshold=lc.confidence_threshold)
-        self.optimizer = self._build_optimizer()
-        self.train_model: torch.nn.Module = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            if tc.sync_bn:
-                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            # static_graph: the set of parameters that get gradients is the same every step
-            # (one, the UPG cross-attention temperature, never does) and phase 2 calls the
-            # model twice before one backward; DDP learns both from the first iteration
-            # instead of searching the autograd graph every step (find_unused_parameters)
-            self.train_model = DDP(self.model, device_ids=[self.device.index]
-                                   if self.device.type == "cuda" else None, static_graph=True)
-            # same initial weights on every rank (seeded above, and DDP broadcasts rank 0's);
-            # distinct dropout draws per rank from here on
-            torch.manual_seed(tc.seed + 1000 * self.dist.rank)
-        self.mix_generator = torch.Generator(device=self.device)
-        self.mix_generator.manual_seed(tc.seed + 7 + 1000 * self.dist.rank)
-        self.runner = StepRunner(
-            model=self.train_model, forward=self._objective_call, update=self._optimizer_update,
-            mode=tc.step_mode, device=self.device, memory_format=self.memory_format,
-            autocast=self.autocast, generators=(self.mix_generator,), warmup=tc.graph_warmup,
-            compile_mode=tc.compile_mode, compile_backend=tc.compile_backend)
+        core = build_step_core(cfg, self.device, dist=self.dist)
+        self.core = core
+        self.model, self.train_model = core.model, core.train_model
+        self.memory_format, self.amp_dtype = core.memory_format, core.amp_dtype
+        self.objective, self.scalars = core.objective, core.scalars
+        self.optimizer, self.mix_generator, self.runner = (core.optimizer, core.mix_generator,
+                                                           core.runner)
         self.iteration = 0
         self.best_dice = -1.0
         self.best_iteration = -1
@@ -132,52 +95,12 @@ class Trainer:
         self.out_dir = Path(tc.out_dir)
         self._val_volumes = None
 
-    # ----------------------------------------------------------------------------------
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        """`foreach`: a torch SGD holds the state, `foreach_sgd_step` updates with the lr
-        tensor; `fused`: torch's fused SGD kernel with the lr tensor; `apex`: FusedSGD."""
-        tc = self.cfg.train
-        kw = dict(momentum=tc.momentum, weight_decay=tc.weight_decay)
-        params = self.model.parameters()
-        if tc.optimizer == "apex":
-            fused = apex_fused_sgd()
-            if fused is not None:
-                return fused(params, lr=tc.base_lr, **kw)
-            warnings.warn("train.optimizer = 'apex' but apex is not importable; using the "
-                          "foreach SGD", stacklevel=3)
-        if tc.optimizer == "fused":
-            return torch.optim.SGD(params, lr=self.scalars.lr, fused=True, **kw)
-        return torch.optim.SGD(params, lr=tc.base_lr, foreach=True, **kw)
-
-    def _uses_tensor_lr(self) -> bool:
-        return self.cfg.train.optimizer == "fused"
-
-    def _optimizer_update(self) -> None:
-        if isinstance(self.optimizer, torch.optim.SGD) and not self._uses_tensor_lr():
-            foreach_sgd_step(self.optimizer, self.scalars.lr)
-        else:
-            self.optimizer.step()
-
-    def _objective_call(self, model, x, y_l, phase2: bool):
-        return self.objective(model, x, y_l, self.scalars, phase2, generator=self.mix_generator)
-
-    def _update_scalars(self, t: int) -> None:
-        self.scalars.update(t)  # in place: a captured graph reads the new values
-        if self._uses_tensor_lr():
-            return
-        lr = self.scalars.values(t)["lr"]  # host float: logged, and what apex reads
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-
     def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.core.autocast()
 
     def step(self, batch, t: int) -> dict[str, torch.Tensor]:
         """One training iteration on a Batch; returns detached loss terms (device)."""
-        self._update_scalars(t)
-        return self.runner(batch, t >= self.cfg.loss.phase2_start)
+        return self.core.step(batch, t)
 
     # ----------------------------------------------------------------------------------
     def train(self, stop_at: int | None = None, *,
@@ -211,8 +134,10 @@ class Trainer:
         from ..telemetry import GpuSampler, throughput_fields
         gpu = GpuSampler(self.device.index or 0 if self.device.type == "cuda" else None).start()
         if main:
-            self.log(f"training {self.cfg.name} on {self.device} (step_mode "
-                     f"{self.runner.mode}, world size {self.dist.world_size}) from iteration "
+            m, lo = self.cfg.model, self.cfg.loss
+            self.log(f"training {self.cfg.name} on {self.device} ({self.core.step_mode_reason}; "
+                     f"uncertainty {m.uncertainty}, UPG head {m.upg_head}, fused losses "
+                     f"{lo.fused_losses}; world size {self.dist.world_size}) from iteration "
                      f"{self.iteration} to {T}; data {self.cfg.data.root}; output {self.out_dir}")
         if self.iteration == 0 and not self.history and main:
             log_path.write_text("")  # a fresh run starts a fresh log (a resumed one appends)
@@ -232,9 +157,7 @@ class Trainer:
                 batch = self.stream.next()
                 data_wait += time.perf_counter() - t0
                 terms = self.step(batch, t)
-                for k, v in terms.items():
-                    acc[k] = acc[k] + v.float() if k in acc else v.float().clone()
-                    n_key[k] = n_key.get(k, 0) + 1  # phase-2 terms exist only in phase 2
+                accumulate_terms(acc, terms, n_key)
                 n_acc += 1
                 self.iteration = t + 1
                 if bar is not None:
@@ -248,9 +171,8 @@ class Trainer:
                     if train_s + time.perf_counter() - t_last >= time_budget_s:
                         halt = True
                 if self.iteration % tc.log_every == 0 or halt or done:
-                    keys = sorted(acc)
-                    vals_t = all_reduce_mean(torch.stack([acc[k] / n_key[k] for k in keys]),
-                                             self.dist)
+                    keys, means = window_means(acc, n_key)
+                    vals_t = all_reduce_mean(means, self.dist)
                     vals = vals_t.tolist()  # sync-ok: log time
                     now = time.perf_counter()
                     train_s += now - t_last
@@ -433,7 +355,7 @@ class Trainer:
         random.setstate(_py_state_back(local["python_rng"]))
         np.random.set_state(_np_state_back(local["numpy_rng"]))
         self.stream.load_state_dict(join_state(local["stream"], tensors))
-        if self._uses_tensor_lr():  # load_state_dict put a loaded copy in place of the tensor
+        if self.core.uses_tensor_lr():  # load_state_dict put a loaded copy in place of the tensor
             for g in self.optimizer.param_groups:
                 g["lr"] = self.scalars.lr
         self.runner.reset()  # graphs baked in the old optimizer-state tensors
@@ -443,6 +365,208 @@ class Trainer:
         self.history = list(meta["history"])
 
 
+class StepCore:
+    """Everything one training step needs, without data: the UC-Seg pair (and its DDP wrapper),
+    the objective with its CCP queues, the schedule tensors, the optimizer, the copy-paste
+    generator and the `StepRunner`. The Trainer wraps it with data, logging, validation and
+    checkpoints; `bench` and the ledger run it on synthetic batches."""
+
+    def __init__(self, cfg: Config, device: torch.device, *, dist: DistInfo | None = None,
+                 amp: str | None = None, channels_last: bool | None = None,
+                 step_mode: str | None = None) -> None:
+        cfg = resolve_config(cfg, device)
+        tc, dc, lc = cfg.train, cfg.data, cfg.loss
+        self.cfg, self.device = cfg, device
+        dist = dist if dist is not None else DistInfo()
+        self.dist = dist
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        # `amp` / `channels_last` default to the configuration as CUDA applies it (bf16 and
+        # channels-last on CUDA only); the ledger passes them explicitly to count the CUDA step
+        amp = amp if amp is not None else (tc.amp if device.type == "cuda" else "none")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.model = build_model(cfg, device)
+        if any(p.device != device for p in self.model.parameters()):
+            self.model.to(device)
+        cl = tc.channels_last if channels_last is None else channels_last
+        self.memory_format = memory_format_for(cfg) if cl else torch.contiguous_format
+        to_memory_format(self.model, self.memory_format)
+        self.objective = UCSegObjective(
+            dc.num_classes, pseudo_mode=lc.pseudo_mode, nms=lc.nms,
+            embed_c_factor=lc.embed_c_factor, embed_p_factor=lc.embed_p_factor, ccp=lc.ccp,
+            queue_size=lc.queue_size, contrast_temperature=lc.contrast_temperature,
+            queue_pointer=lc.queue_pointer, queue_init=lc.queue_init,
+            queue_gate=lc.queue_gate, supervision=lc.supervision,
+            fused_losses=lc.fused_losses).to(device)
+        self.scalars = ScheduleTensors(
+            device, base_lr=tc.base_lr, T=tc.max_iterations, consistency=lc.consistency,
+            rampup=lc.consistency_rampup, unsup_factor=lc.unsup_factor,
+            epoch_len=lc.rampup_epoch_len, thr_base=lc.gate_base, thr_span=lc.gate_span,
+            confidence_threshold=lc.confidence_threshold)
+        self.optimizer = self._build_optimizer()
+        self.train_model: torch.nn.Module = self.model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            if tc.sync_bn:
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            # static_graph: the set of parameters that get gradients is the same every step
+            # (one, the UPG cross-attention temperature, never does) and phase 2 calls the
+            # model twice before one backward; DDP learns both from the first iteration
+            # instead of searching the autograd graph every step (find_unused_parameters)
+            self.train_model = DDP(self.model, device_ids=[device.index]
+                                   if device.type == "cuda" else None, static_graph=True)
+            # same initial weights on every rank (seeded above, and DDP broadcasts rank 0's);
+            # distinct dropout draws per rank from here on
+            torch.manual_seed(tc.seed + 1000 * dist.rank)
+        self.mix_generator = torch.Generator(device=device)
+        self.mix_generator.manual_seed(tc.seed + 7 + 1000 * dist.rank)
+        from .precision import WeightCast
+        self.step_mode, self.step_mode_reason = resolve_step_mode(
+            step_mode or tc.step_mode, nms=lc.nms, device=device, world_size=dist.world_size,
+            optimizer=tc.optimizer)
+        if self.step_mode == "graph":
+            check_graph_capturable(nms=lc.nms, device=device, world_size=dist.world_size,
+                                   optimizer=tc.optimizer)
+        elif self.step_mode == "compile" and tc.compile_mode in ("reduce-overhead",
+                                                                 "max-autotune"):
+            check_graph_capturable(nms=lc.nms, device=device, world_size=dist.world_size,
+                                   optimizer=tc.optimizer, compile_mode=tc.compile_mode)
+        self.runner = StepRunner(
+            model=self.train_model, forward=self._objective_call, update=self._optimizer_update,
+            mode=self.step_mode, device=device, memory_format=self.memory_format,
+            autocast=self.autocast, generators=(self.mix_generator,), warmup=tc.graph_warmup,
+            compile_mode=tc.compile_mode, compile_backend=tc.compile_backend,
+            weight_cast=WeightCast(self.model, self.amp_dtype), prepare=self._prepare)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """`foreach`: a torch SGD holds the state, `foreach_sgd_step` updates with the lr
+        tensor; `fused`: torch's fused SGD kernel with the lr tensor; `apex`: FusedSGD."""
+        tc = self.cfg.train
+        kw = dict(momentum=tc.momentum, weight_decay=tc.weight_decay)
+        params = self.model.parameters()
+        if tc.optimizer == "apex":
+            fused = apex_fused_sgd()
+            if fused is not None:
+                return fused(params, lr=tc.base_lr, **kw)
+            warnings.warn("train.optimizer = 'apex' but apex is not importable; using the "
+                          "foreach SGD", stacklevel=3)
+        if tc.optimizer == "fused":
+            return torch.optim.SGD(params, lr=self.scalars.lr, fused=True, **kw)
+        return torch.optim.SGD(params, lr=tc.base_lr, foreach=True, **kw)
+
+    def uses_tensor_lr(self) -> bool:
+        return self.cfg.train.optimizer == "fused"
+
+    def _optimizer_update(self) -> None:
+        if isinstance(self.optimizer, torch.optim.SGD) and not self.uses_tensor_lr():
+            foreach_sgd_step(self.optimizer, self.scalars.lr)
+        else:
+            self.optimizer.step()
+
+    def _objective_call(self, model, x, y_l, phase2: bool, **mix):
+        return self.objective.forward_values(model, x, y_l, self.scalars, phase2, **mix)
+
+    def _prepare(self, x: torch.Tensor, phase2: bool) -> dict[str, torch.Tensor]:
+        """The phase-2 copy-paste draw, on the device, outside a compiled forward."""
+        if not phase2:
+            return {}
+        box, branch = self.objective.draw_mix(tuple(x.shape[2:]), x.device, self.mix_generator)
+        return {"mix_box": box, "mix_branch_a": branch}
+
+    def update_scalars(self, t: int) -> None:
+        self.scalars.update(t)  # in place: a captured graph reads the new values
+        if self.uses_tensor_lr():
+            return
+        lr = self.scalars.values(t)["lr"]  # host float: logged, and what apex reads
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def step(self, batch, t: int) -> dict[str, torch.Tensor]:
+        """One training iteration on a Batch (`x_l`, `y_l`, `x_u`); detached loss terms."""
+        self.update_scalars(t)
+        return self.runner(batch, t >= self.cfg.loss.phase2_start)
+
+
+def resolve_config(cfg: Config, device: torch.device) -> Config:
+    """`cfg` with every "auto" op choice resolved for `device`: the fused ops (evidential
+    uncertainty, UPG head, losses and predictions) on CUDA when Triton is importable, the
+    PyTorch modules elsewhere. An explicit choice is kept."""
+    from ..ops._triton_utils import HAS_TRITON
+    fast = device.type == "cuda" and HAS_TRITON
+    m, lo = cfg.model, cfg.loss
+    ov = []
+    if m.uncertainty == "auto":
+        ov.append(f"--model.uncertainty={'fused' if fast else 'torch'}")
+    if m.upg_head == "auto":
+        ov.append(f"--model.upg_head={'fused' if fast else 'torch'}")
+    if lo.fused_losses == "auto":
+        ov.append(f"--loss.fused_losses={'true' if fast else 'false'}")
+    from ..config import apply_overrides
+    return apply_overrides(cfg, ov) if ov else cfg
+
+
+def build_step_core(cfg: Config, device: torch.device | str, **kw) -> StepCore:
+    """`StepCore(cfg, device, ...)` (see there)."""
+    return StepCore(cfg, torch.device(device), **kw)
+
+
+def accumulate_terms(acc: dict, terms, n_key: dict | None = None) -> None:
+    """Add one step's loss terms to the device-side sums of a log window (no host read).
+
+    `StepTerms` (the objective's one tensor of terms) is added with one op, keyed by its
+    names (phase 1 and phase 2 steps have different terms); a plain {name: 0-D tensor} dict
+    term by term."""
+    from .objective import StepTerms
+    if isinstance(terms, StepTerms):
+        cur = acc.get(terms.names)
+        # a copy of the values: in graph mode they are the graph's static outputs
+        acc[terms.names] = terms.values.clone() if cur is None else cur + terms.values
+        if n_key is not None:
+            n_key[terms.names] = n_key.get(terms.names, 0) + 1
+        return
+    for k, v in terms.items():
+        acc[k] = acc[k] + v.float() if k in acc else v.float().clone()
+        if n_key is not None:
+            n_key[k] = n_key.get(k, 0) + 1  # phase-2 terms exist only in phase 2
+
+
+def window_means(acc: dict, n_key: dict) -> tuple[list[str], torch.Tensor]:
+    """(sorted term names, their means over the window as one device tensor) from the sums of
+    `accumulate_terms` (terms that exist in phase 2 only are averaged over their own steps)."""
+    sums: dict[str, list[torch.Tensor]] = {}
+    counts: dict[str, int] = {}
+    for key, val in acc.items():
+        if isinstance(key, tuple):
+            for i, name in enumerate(key):
+                sums.setdefault(name, []).append(val[i])
+                counts[name] = counts.get(name, 0) + n_key[key]
+        else:
+            sums.setdefault(key, []).append(val)
+            counts[key] = counts.get(key, 0) + n_key[key]
+    keys = sorted(sums)
+    means = torch.stack([(sum(sums[k][1:], sums[k][0]) / counts[k]).float() for k in keys])
+    return keys, means
+
+
+def to_memory_format(model: torch.nn.Module, memory_format: torch.memory_format) -> None:
+    """`model.to(memory_format=...)` in place (`.data` of the 4-D / 5-D tensors): also for the
+    ledger's fake tensors, which `Module.to` cannot swap."""
+    nd = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(memory_format)
+    if nd is None:
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dim() == nd:
+                t.data = t.data.contiguous(memory_format=memory_format)
+
+
 def memory_format_for(cfg: Config) -> torch.memory_format:
     """`train.channels_last`: channels-last for 2D (NHWC), channels-last-3d for 3D (NDHWC)."""
     if not cfg.train.channels_last:
@@ -450,10 +574,14 @@ def memory_format_for(cfg: Config) -> torch.memory_format:
     return torch.channels_last_3d if len(cfg.data.img_size) == 3 else torch.channels_last
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
+def build_model(cfg: Config, device: torch.device | str | None = None) -> torch.nn.Module:
     """The UC-Seg pair a configuration describes (training, evaluation and prediction):
     UNet-2D + VNet-2D for a 2-value `data.img_size`, UNet-3D + VNet-3D (and the 3D UPG) for a
-    3-value one (`model.unet_dropout` is 2D only; the 3D UNet has the reference's 0.3)."""
+    3-value one (`model.unet_dropout` is 2D only; the 3D UNet has the reference's 0.3).
+    "auto" op choices are resolved for `device` (default: CUDA when available)."""
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    cfg = resolve_config(cfg, dev)
     m = cfg.model
     if len(cfg.data.img_size) == 3:
         model = build_ucseg_3d(num_classes=cfg.data.num_classes, in_channels=m.in_channels,
