@@ -1,12 +1,13 @@
-"""Benchmark conventions: synchronize inside the timed target, provenance in extra_info.
+"""Benchmark conventions: rounds of back-to-back calls with one sync per round
+(`bench_utils.measure`, `ucseg_fast.bench.timing`), provenance in extra_info.
 
 Run `pytest benchmarks --benchmark-only` on a GPU machine; on CPU `make test` runs them as
-smoke tests with --benchmark-disable (each target runs once, tiny shapes).
+smoke tests with --benchmark-disable (each target runs once, tiny shapes). For one Markdown
+report of the whole engine on a card, use `ucseg-fast bench report --out DIR`.
 """
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
 import torch
@@ -15,23 +16,21 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from bench_utils import provenance_info, session_copy_bandwidth  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def copy_bw() -> dict:
+    """The device-to-device copy bandwidth, measured once per session (256 MiB on CUDA):
+    `measure` reports every op's GB/s as a share of this number."""
+    return session_copy_bandwidth()
+
 
 @pytest.fixture
-def provenance():
-    """extra_info every benchmark records: card, versions, host."""
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "host": platform.node()}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    else:
-        info["gpu"] = None
-    return info
+def provenance() -> dict:
+    """extra_info every benchmark records: card, driver, versions, git revision, host (a fresh
+    dict per test)."""
+    return provenance_info()
 
 
 @pytest.fixture
