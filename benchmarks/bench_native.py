@@ -24,23 +24,15 @@ import pytest
 import torch
 from bench_utils import sync
 
+from ucseg_fast.bench.targets import cc_labels
 from ucseg_fast.ops import components as cc
 
 WORKLOADS = {"acdc2d": ((12, 256, 256), 4), "la3d": ((2, 96, 96, 96), 2)}
 
 
 def pseudo_labels(shape, C: int, seed: int = 0) -> torch.Tensor:
-    """Class map of a partly trained model: argmax of smooth per-class fields + 2% speckle."""
-    from scipy import ndimage
-    rng = np.random.default_rng(seed)
-    nd = len(shape) - 1
-    fields = rng.standard_normal((C,) + tuple(shape)).astype(np.float32)
-    fields = ndimage.gaussian_filter(fields, sigma=[0, 0] + [4.0] * nd)
-    fields[0] += 0.02  # more background, as in a cardiac / atrium crop
-    lab = fields.argmax(0)
-    speckle = rng.random(shape) < 0.02
-    lab[speckle] = rng.integers(0, C, int(speckle.sum()))
-    return torch.from_numpy(lab.astype(np.int64))
+    """Class map of a partly trained model (the report's target builder)."""
+    return cc_labels(shape, C, seed)
 
 
 def reference_largest_component(labels_gpu: torch.Tensor, C: int) -> torch.Tensor:

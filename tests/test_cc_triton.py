@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_components import bfs_ids, largest_ref, pattern
+from test_components import bfs_ids, largest_ref, pattern, tie_case
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ucseg_fast.ops import _triton_utils, cc_triton, components as cc
@@ -221,13 +221,7 @@ def test_largest_bool_and_large_label_values():
 
 
 def test_largest_tie_goes_to_first_pixel(tiling):
-    lab = torch.zeros(2, 6, 6, dtype=torch.uint8)
-    lab[0, 4, 4] = lab[0, 4, 5] = 1         # size 2, first pixel (4, 4)
-    lab[0, 0, 5] = lab[0, 1, 4] = 1         # size 2 (diagonal), first pixel (0, 5): wins
-    lab[1, 5, 0] = 2                        # item 1: class 2 alone; class 1 absent
-    want = torch.zeros_like(lab)
-    want[0, 0, 5] = want[0, 1, 4] = 1
-    want[1, 5, 0] = 2
+    lab, want = tie_case()
     assert torch.equal(cc.largest_component_triton(lab, 3), want)
     # many equal squares in 3D: the earliest (first plane, first row) wins in every item
     lab3 = torch.zeros(2, 4, 6, 6, dtype=torch.int64)

@@ -187,7 +187,8 @@ def test_largest_component_matches_bruteforce(shape, C):
         assert torch.equal(cc.largest_component_torch(x, C).long(), want), f"torch path, {dtype}"
 
 
-def test_largest_component_tie_goes_to_first_pixel():
+def tie_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, the largest-component result): two equal components, the earlier one wins."""
     lab = torch.zeros(2, 6, 6, dtype=torch.uint8)
     lab[0, 4, 4] = lab[0, 4, 5] = 1         # size 2, first pixel (4, 4)
     lab[0, 0, 5] = lab[0, 1, 4] = 1         # size 2 (diagonal), first pixel (0, 5): wins
@@ -195,6 +196,11 @@ def test_largest_component_tie_goes_to_first_pixel():
     want = torch.zeros_like(lab)
     want[0, 0, 5] = want[0, 1, 4] = 1
     want[1, 5, 0] = 2
+    return lab, want
+
+
+def test_largest_component_tie_goes_to_first_pixel():
+    lab, want = tie_case()
     assert torch.equal(cc.largest_component(lab, 3), want)
     assert torch.equal(cc.largest_component_torch(lab, 3), want)
 

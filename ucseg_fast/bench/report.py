@@ -398,8 +398,26 @@ def _w_components(emit, deadline, *, shapes: list[str], rounds: int = 5) -> None
             except Exception as e:  # noqa: BLE001 -- one backend failing must not hide the rest
                 row.update(status="failed", reason=_err(e))
             emit(row)
-        del lab, lab_cpu, ref
+        backends.clear()  # the closures hold this shape's tensors
         _cleanup()
+
+
+def _timed_target(emit, row: dict, build: Callable, info_keys: tuple[str, ...],
+                  copy_gbps: float | None, rounds: int) -> None:
+    """Build a benchmark target, time it under graph replay (GB/s and % of copy), emit the row
+    (a failure is recorded in the row; the table goes on)."""
+    from .timing import peak_memory
+    try:
+        t = build()
+        row.update({k: t.info.get(k) for k in info_keys if k in t.info})
+        row.update(_time_row(t.fn, graph=True, nbytes=t.nbytes, copy_gbps=copy_gbps,
+                             rounds=rounds))
+        row["peak_mb"] = peak_memory(t.fn)
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 -- recorded; the report goes on
+        row.update(status="failed", reason=_err(e))
+    emit(row)
+    _cleanup()
 
 
 # the op table of the report: (op, pass)
@@ -414,7 +432,6 @@ def _w_ops(emit, deadline, *, shapes: list[str], dtype: str, copy_gbps: float | 
     """The fused ops against their references: graph timing of every target; the compiled
     references last (Inductor compiles cost seconds each), while the budget allows."""
     from .targets import OP_SHAPES, op_target
-    from .timing import peak_memory
 
     def one(op, pass_, shape_name, provider):
         row = {"op": op, "pass": pass_, "shape_name": shape_name,
@@ -422,17 +439,8 @@ def _w_ops(emit, deadline, *, shapes: list[str], dtype: str, copy_gbps: float | 
         if not _fits(deadline, 1.0):
             emit({**row, "status": "skipped", "reason": "out of budget"})
             return
-        try:
-            t = op_target(op, OP_SHAPES[shape_name], dtype, provider, pass_)
-            row["backend_ran"] = t.info.get("backend_ran")
-            row.update(_time_row(t.fn, graph=True, nbytes=t.nbytes, copy_gbps=copy_gbps,
-                                 rounds=rounds))
-            row["peak_mb"] = peak_memory(t.fn)
-            row["status"] = "ok"
-        except Exception as e:  # noqa: BLE001
-            row.update(status="failed", reason=_err(e))
-        emit(row)
-        _cleanup()
+        _timed_target(emit, row, lambda: op_target(op, OP_SHAPES[shape_name], dtype, provider,
+                                                  pass_), ("backend_ran",), copy_gbps, rounds)
 
     for shape_name in shapes:
         for op, pass_ in REPORT_OPS:
@@ -450,7 +458,6 @@ def _w_ops(emit, deadline, *, shapes: list[str], dtype: str, copy_gbps: float | 
 def _w_upg(emit, deadline, *, head_shapes: list[str], whole_shapes: list[str], dtype: str,
            copy_gbps: float | None, fused: bool, compiled: bool, rounds: int = 5) -> None:
     from .targets import UPG_SHAPES, WHOLE_SHAPES, upg_head_target, upg_whole_target
-    from .timing import peak_memory
 
     def one(part, shape_name, provider, pass_="fwd_bwd"):
         shapes, build = ((UPG_SHAPES, upg_head_target) if part == "head"
@@ -460,17 +467,8 @@ def _w_upg(emit, deadline, *, head_shapes: list[str], whole_shapes: list[str], d
         if not _fits(deadline, 1.0):
             emit({**row, "status": "skipped", "reason": "out of budget"})
             return
-        try:
-            t = build(shapes[shape_name], dtype, provider, pass_)
-            row.update({k: t.info[k] for k in ("backend_ran", "dot_precision") if k in t.info})
-            row.update(_time_row(t.fn, graph=True, nbytes=t.nbytes, copy_gbps=copy_gbps,
-                                 rounds=rounds))
-            row["peak_mb"] = peak_memory(t.fn)
-            row["status"] = "ok"
-        except Exception as e:  # noqa: BLE001
-            row.update(status="failed", reason=_err(e))
-        emit(row)
-        _cleanup()
+        _timed_target(emit, row, lambda: build(shapes[shape_name], dtype, provider, pass_),
+                      ("backend_ran", "dot_precision"), copy_gbps, rounds)
 
     plan = []
     for s in head_shapes:

@@ -242,7 +242,6 @@ def copy_bandwidth(nbytes: int | None = None, device=None, *, rounds: int = 5) -
     moved = 2 * int(nbytes)
     res.update(nbytes=int(nbytes), bytes_moved=moved, gbps=gbps(moved, res["us"]),
                device=torch.cuda.get_device_name(dev) if cuda else "cpu")
-    del src, dst
     return res
 
 
