@@ -241,7 +241,8 @@ def cmd_bench(args, extra) -> int:
                      labeled_bs=args.batch or (2 if args.dims == 3 else 12),
                      img=args.img or (96 if args.dims == 3 else 256), mode=args.mode,
                      compile_mode=args.compile_mode, compile_backend=args.compile_backend,
-                     nms=not args.no_nms, dims=args.dims)
+                     nms=not args.no_nms, dims=args.dims,
+                     fused={"auto": "auto", "fused": True, "torch": False}[args.ops])
     print(json.dumps(res, indent=1))
     return 0
 
@@ -429,8 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "counted on the CPU with the options the CUDA path uses, with a "
                                    "roofline estimate for --card; fails on a host sync.")
     b.add_argument("what", choices=("step", "e2e", "curves", "report", "ledger"))
-    b.add_argument("--mode", choices=("eager", "compile", "graph"), default="eager",
-                   help="step: how the step runs (e2e: use --train.step_mode=...)")
+    b.add_argument("--mode", choices=("auto", "eager", "compile", "graph"), default="auto",
+                   help="step: how the step runs; auto = the default (one CUDA graph per phase "
+                        "on a GPU, eager on CPU). e2e: use --train.step_mode=...")
+    b.add_argument("--ops", choices=("auto", "fused", "torch"), default="auto",
+                   help="step: the fused ops or the PyTorch modules (auto = the default: fused "
+                        "on CUDA)")
     b.add_argument("--compile-mode", default="default")
     b.add_argument("--compile-backend", default="inductor")
     b.add_argument("--no-nms", action="store_true",

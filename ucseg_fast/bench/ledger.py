@@ -32,8 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import sys
 import traceback
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -420,6 +418,9 @@ def count_ops(cfg, *, side: int = 64, batch: int = 2, phases=(1, 2)) -> dict[int
     the ops were imported when the configuration uses Triton kernels."""
     from ..ops import _triton_utils as tu
     from ..train.trainer import build_step_core
+    if batch < 2:
+        raise ValueError("count_ops: batch must be >= 2 a half: with one image some reshapes are "
+                         "views that are copies at the real batch, so the count would differ")
     small = _small_config(cfg, side, batch)
     uses_triton = (cfg.model.upg_head == "fused" or cfg.model.uncertainty == "fused"
                    or cfg.loss.fused_losses is True or cfg.loss.nms)
@@ -461,7 +462,6 @@ def size_ops(cfg, *, phases=(1, 2)) -> dict[int, _Recorder]:
     """Size pass: the same steps at the configuration's shape on fake tensors (no data, no
     compute): bytes and FLOPs of every op; a data-dependent op raises HostSyncError."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: F401 - import check
     from ..ops import _triton_utils as tu
     from ..train.trainer import build_step_core
     prev = tu.get_backend()
@@ -710,10 +710,14 @@ def _stream_kernels(cfg) -> PartLedger | None:
     return p
 
 
-def step_ledger(cfg, *, card: str | Card = "H100", phases=(1, 2), side: int = 64, batch: int = 2,
-                sizes: bool = True, stream: bool = False) -> Ledger:
-    """The ledger of one training step of each phase of `cfg` (a `Config`) for `card`."""
+def step_ledger(cfg, *, card: str | Card = "H100", phases=(1, 2), side: int | None = None,
+                batch: int = 2, sizes: bool = True, stream: bool = False) -> Ledger:
+    """The ledger of one training step of each phase of `cfg` (a `Config`) for `card`. The count
+    pass runs at `side` (default 64 in 2D, 32 in 3D) with `batch` + `batch` images (at least 2 a
+    half: with one image some reshapes are views that copy at the real batch)."""
     card_ = card if isinstance(card, Card) else CARDS[_card_key(card)]
+    if side is None:
+        side = 32 if len(cfg.data.img_size) == 3 else 64
     counted = count_ops(cfg, side=side, batch=batch, phases=phases)
     sized = size_ops(cfg, phases=phases) if sizes else {}
     dc = cfg.data
@@ -730,13 +734,3 @@ def _card_key(name: str) -> str:
         if k in up:
             return k
     raise KeyError(f"bench ledger: unknown card {name!r}; known: {', '.join(CARDS)}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ucseg_fast.bench.ledger` = `ucseg-fast bench ledger` (see cli.py)."""
-    from ..cli import main as cli_main
-    return cli_main(["bench", "ledger", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

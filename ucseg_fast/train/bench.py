@@ -102,7 +102,7 @@ def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
         check_graph_capturable(nms=nms, device=dev, world_size=1, optimizer="foreach")
     torch.manual_seed(0)
     core = build_step_core(cfg, dev)
-    t = cfg.loss.phase2_start + 1000 if phase2 else 3000 if dims == 2 else 3000
+    t = cfg.loss.phase2_start + 1000 if phase2 else 3000
 
     def step(batch) -> torch.Tensor:
         return core.step(batch, t)["L"]
@@ -138,8 +138,10 @@ def bench_step(*, steps: int = 20, warmup: int = 5, phase2: bool = False, device
     tel = gpu.window()
     gpu.stop()
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "mode": step.core.runner.mode,  # type: ignore[attr-defined] "phase": 2 if phase2 else 1, "batch": f"{labeled_bs}+{labeled_bs}",
-           "img": img, "dims": dims, "nms": nms, "fused": fused, "ms_per_step": dt * 1000, "img_per_s": 2 * labeled_bs / dt,
+           "mode": step.core.runner.mode,  # type: ignore[attr-defined]
+           "phase": 2 if phase2 else 1, "batch": f"{labeled_bs}+{labeled_bs}",
+           "img": img, "dims": dims, "nms": nms, "fused": fused, "ms_per_step": dt * 1000,
+           "img_per_s": 2 * labeled_bs / dt,
            "loss": float(loss), "torch": torch.__version__, **tel}  # sync-ok: after timing
     if dev.type == "cuda":
         res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9

@@ -55,7 +55,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.log = log
-        tc, dc, lc = cfg.train, cfg.data, cfg.loss
+        tc, dc = cfg.train, cfg.data
         self.device = resolve_device(tc.device)
         self.dist: DistInfo = init_from_env(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -438,7 +438,10 @@ class StepCore:
             mode=self.step_mode, device=device, memory_format=self.memory_format,
             autocast=self.autocast, generators=(self.mix_generator,), warmup=tc.graph_warmup,
             compile_mode=tc.compile_mode, compile_backend=tc.compile_backend,
-            weight_cast=WeightCast(self.model, self.amp_dtype), prepare=self._prepare)
+            # one cast op for every weight; under DDP autocast keeps its per-parameter casts (a
+            # forward on swapped-in weight copies is not combined with the DDP reducer here)
+            weight_cast=None if dist.enabled else WeightCast(self.model, self.amp_dtype),
+            prepare=self._prepare)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """`foreach`: a torch SGD holds the state, `foreach_sgd_step` updates with the lr
