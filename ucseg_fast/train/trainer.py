@@ -548,6 +548,8 @@ def window_means(acc: dict, n_key: dict) -> tuple[list[str], torch.Tensor]:
     for key, val in acc.items():
         if isinstance(key, tuple):
             for i, name in enumerate(key):
+                if name.startswith("_"):  # padding slots of StepTerms, not terms
+                    continue
                 sums.setdefault(name, []).append(val[i])
                 counts[name] = counts.get(name, 0) + n_key[key]
         else:
