@@ -48,6 +48,15 @@ class DataConfig:
     format: str = "ssl4mis"
     # Optional unlabeled-only archive: a manifest file of image paths (streamed, sharded per rank).
     unlabeled_manifest: str = ""
+    # Decoded images (PNG/JPEG folders, manifests) larger than this many pixels are refused,
+    # naming the file (a guard against decompression bombs Pillow's own check lets through).
+    max_image_pixels: int = 50_000_000
+    # Threads decoding image files (folders, manifests) ahead of the step; 0 = in the training
+    # thread. The order of the images, hence resume, does not depend on it.
+    decode_workers: int = 2
+    # Resume refuses a list / manifest whose content changed since the checkpoint (checked by a
+    # fingerprint of its lines); true continues on the changed content, from the saved position.
+    resume_changed_data: bool = False
     # Folder masks: "auto" | "index" (class ids) | "binary" (gray/255 > 0.5).
     mask_mode: str = "auto"
     # NIfTI images, per-volume scaling: "auto" (minmax for 2D, z-score for 3D) | "minmax" |
