@@ -143,8 +143,8 @@ def test_opcheck_and_errors():
         entropy_pseudo_label(za, zb[:, :2])
     with pytest.raises(ValueError, match="select"):
         entropy_pseudo_label(za, zb, select="max")
-    with pytest.raises(ValueError, match="0-D"):
-        entropy_pseudo_label(za, zb, torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="0-D"):  # one element: 0-D or [1] (test_ops_contract)
+        entropy_pseudo_label(za, zb, torch.tensor([0.5, 0.6]))
 
 
 @pytest.mark.gpu

@@ -103,8 +103,8 @@ def test_unsup_pair_matches_two_single_calls(kind, tgt, spatial, fmt):
 
 
 def test_all_zero_rows_and_large_logits():
-    """nms=0 zero rows (float target and out-of-range labels) count in the CE mean with 0;
-    logits above softplus' threshold 20 take its exact branch (AU)."""
+    """nms=0 zero rows of a float target count in the CE mean with 0; logits above softplus'
+    threshold 20 take its exact branch (AU)."""
     z, cls = _inputs(2, 4, (5, 7), torch.float32, torch.contiguous_format, "cls", seed=3)
     with torch.no_grad():
         z[0, 2, :2] = 25.0  # z > 20, winning class 2 (AU: a = 1 where the label is 2)
@@ -113,17 +113,166 @@ def test_all_zero_rows_and_large_logits():
     zero = torch.zeros_like(cls, dtype=torch.bool)
     zero[:, 1:3] = True
     lam = torch.tensor(0.5)
-    for target in (torch.where(zero, 4, cls),  # label C: all-zero row
-                   reference.one_hot_labels(cls, 4, torch.float32) * (~zero).unsqueeze(1)):
-        terms = segmentation_loss_terms(z, target, kind="ce", lam=lam)
+    target = reference.one_hot_labels(cls, 4, torch.float32) * (~zero).unsqueeze(1)
+    for t in (cls, target):
+        terms = segmentation_loss_terms(z, t, kind="ce", lam=lam)
         (dz,) = torch.autograd.grad(_weighted(terms), z)
-        _check(z, target, "ce", lam, terms, dz)
+        _check(z, t, "ce", lam, terms, dz)
     # an all-zero row contributes 0 to CE: removing those pixels' logits changes nothing
     z0 = z.detach().clone()
     z0[:, :, 1:3] = 0.0
-    t_a = segmentation_loss_terms(z, torch.where(zero, 4, cls), kind="ce", dice=False)["ce"]
-    t_b = segmentation_loss_terms(z0, torch.where(zero, 4, cls), kind="ce", dice=False)["ce"]
+    t_a = segmentation_loss_terms(z, target, kind="ce", dice=False)["ce"]
+    t_b = segmentation_loss_terms(z0, target, kind="ce", dice=False)["ce"]
     assert torch.equal(t_a, t_b)
+    # ... and it counts in the mean, where an out-of-range label is not counted at all
+    t_c = segmentation_loss_terms(z, torch.where(zero, 4, cls), kind="ce", dice=False)["ce"]
+    n, N = int((~zero).sum()), zero.numel()
+    torch.testing.assert_close(t_c * n / N, t_a, rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------- ignore_index
+def _ignored_oracle(z, labels, kind, lam, ignore_index):
+    """The ignore_index rule written independently of the ops (and of `reference`): CE by
+    torch's own F.cross_entropy(ignore_index=...), BCE / AU as means over the counted pixels,
+    Dice of p·keep against one_hot·keep. fp64 oracle and the fp32 baseline, with gradients."""
+    out = []
+    C = z.shape[1]
+    lab = labels.long()
+    keep = (lab >= 0) & (lab < C) & (lab != ignore_index)
+    ign = torch.where(keep, lab, -7)
+    y_all = F.one_hot(torch.where(keep, lab, 0), C).movedim(-1, 1)
+    for dt in (torch.float64, torch.float32):
+        x = z.detach().to(dt).requires_grad_(True)
+        y = (y_all * keep.unsqueeze(1)).to(dt)
+        n = keep.sum().clamp(min=1)
+        if kind == "ce":
+            t = {"ce": F.cross_entropy(x, ign, ignore_index=-7, reduction="sum") / n}
+        else:
+            el = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+            t = {"bce": (el * keep.unsqueeze(1)).sum() / (n * C)}
+        p = L.probs(x, kind)
+        t["dice"] = L.dice_loss(p * keep.unsqueeze(1), y)
+        if lam is not None:
+            t["au"] = (L.au_loss(x, ign, lam, reduction="none") * keep).sum() / n
+        (g,) = torch.autograd.grad(_weighted(t), x)
+        out.append(({k: v.detach() for k, v in t.items()}, g))
+    return out
+
+
+IGNORE_CASES = [  # (B, C, spatial, dtype, fmt, kind, label dtype, ignore_index, with AU)
+    (2, 4, (6, 7), torch.float32, torch.contiguous_format, "ce", torch.int64, -100, True),
+    (2, 4, (6, 7), torch.float32, torch.channels_last, "ce", torch.uint8, 255, True),
+    (1, 3, (5, 6), torch.bfloat16, torch.contiguous_format, "ce", torch.int64, 1, True),
+    (2, 2, (3, 4, 5), torch.float32, torch.contiguous_format, "bce", torch.int32, -1, True),
+    (2, 4, (3, 5, 3), torch.float16, torch.channels_last_3d, "ce", torch.int64, 0, False),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("B,C,spatial,dtype,fmt,kind,ldt,ignore_index,au", IGNORE_CASES)
+def test_ignore_index_and_out_of_range_labels(B, C, spatial, dtype, fmt, kind, ldt, ignore_index,
+                                              au, backend, monkeypatch):
+    """Pixels labelled ignore_index, C, 255 or −1 leave every term (CE|BCE sum and mean, Dice's
+    I, Σp, Σy, AU sum and mean); values and gradients against the independent oracle, on both
+    paths, with several programs per sample and a chunked finalize (the counts add up)."""
+    from ucseg_fast import ops
+
+    monkeypatch.setattr(fl_mod, "_TARGET_PROGRAMS", 2 * B)
+    monkeypatch.setattr(fl_mod, "_FINALIZE_TILE", 8)
+    z, labels = _inputs(B, C, spatial, dtype, fmt, "cls", seed=11)
+    g = torch.Generator().manual_seed(12)
+    r = torch.rand(labels.shape, generator=g)
+    bad = [C, 255, -1, ignore_index]
+    if ldt == torch.uint8:
+        bad = [C, 255, ignore_index % 256]
+    for i, v in enumerate(bad):  # ~40% of the pixels are not counted, a mix of the labels
+        labels = torch.where((r >= 0.1 * i) & (r < 0.1 * (i + 1)), v, labels)
+    labels = labels.to(ldt)
+    lam = torch.tensor(0.3) if au else None
+    prev = ops.get_backend()
+    ops.set_backend(backend)
+    try:
+        terms = segmentation_loss_terms(z, labels, kind=kind, lam=lam, ignore_index=ignore_index)
+        (dz,) = torch.autograd.grad(_weighted(terms), z)
+        z2 = z.detach().flip(1).clone().requires_grad_(True)
+        t1, t2 = fusion_unsup_losses(z, z2, labels, kind=kind, ignore_index=ignore_index)
+        dz1, dz2 = torch.autograd.grad(_weighted(t1) + _weighted(t2), (z, z2))
+    finally:
+        ops.set_backend(prev)
+    for zz, tt, dd, lm in ((z, terms, dz, lam), (z, t1, dz1, None), (z2, t2, dz2, None)):
+        (t64, g64), (t32, g32) = _ignored_oracle(zz, labels, kind, lm, ignore_index)
+        if lm is None:
+            t64.pop("au", None)
+        assert sorted(tt) == sorted(t64)
+        for k, v in tt.items():
+            assert max_abs_err(v, t64[k]) <= tolerance(t64[k], t32[k], atol=1e-6), k
+        assert max_abs_err(dd, g64) <= tolerance(g64, g32, atol=1e-8, out_dtype=zz.dtype)
+    # a pixel that is not counted has a zero gradient
+    keep = reference.counted_pixels(labels, C, ignore_index)
+    assert torch.count_nonzero(dz * ~keep.unsqueeze(1)) == 0
+
+
+def test_ignore_index_matches_torch_cross_entropy():
+    """The issue's case: half the pixels at 255. torch's F.cross_entropy(ignore_index=255) is
+    the mean over the other half; so is ours, on both paths (not half of it)."""
+    from ucseg_fast import ops
+
+    z, labels = _inputs(2, 4, (8, 8), torch.float32, torch.contiguous_format, "cls", seed=4)
+    labels[:, :4] = 255
+    want = F.cross_entropy(z.detach(), labels, ignore_index=255)
+    prev = ops.get_backend()
+    try:
+        for backend in ("triton", "reference"):
+            ops.set_backend(backend)
+            for ii in (255, -100):  # 255 is out of range: ignored with or without ignore_index
+                got = segmentation_loss_terms(z, labels, dice=False, ignore_index=ii)["ce"]
+                torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=0)
+    finally:
+        ops.set_backend(prev)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["ce", "bce"])
+def test_every_pixel_ignored_gives_zero_not_nan(kind, backend):
+    """No counted pixel: CE|BCE and AU are 0 (torch's F.cross_entropy gives NaN: we differ on
+    purpose, as pseudo_label_loss with an all-False mask), zero gradient; Dice still counts the
+    (b, c) groups, each 1 − ε/ε = 0."""
+    from ucseg_fast import ops
+
+    z, _ = _inputs(2, 2, (5, 7), torch.float32, torch.contiguous_format, "cls")
+    labels = torch.full((2, 5, 7), 255, dtype=torch.uint8)
+    prev = ops.get_backend()
+    ops.set_backend(backend)
+    try:
+        terms = segmentation_loss_terms(z, labels, kind=kind, lam=torch.tensor(0.5))
+        (dz,) = torch.autograd.grad(_weighted(terms), z)
+        mod = SegmentationLossTerms(kind, lam=0.5, ignore_index=1)
+        t_mod = mod(z, torch.ones(2, 5, 7, dtype=torch.long))
+    finally:
+        ops.set_backend(prev)
+    for t in (terms, t_mod):
+        assert all(float(v.detach()) == 0.0 for v in t.values()), t
+    assert torch.count_nonzero(dz) == 0
+    assert "ignore_index=1" in repr(mod)
+
+
+def test_ignore_index_default_and_in_range_unchanged():
+    """ignore_index set, every label in range and not ignore_index: bitwise the default."""
+    z, labels = _inputs(2, 4, (5, 7), torch.float32, torch.contiguous_format, "cls", seed=9)
+    lam = torch.tensor(0.4)
+    a = segmentation_loss_terms(z, labels, lam=lam)
+    b = segmentation_loss_terms(z, labels, lam=lam, ignore_index=255)
+    ga = torch.autograd.grad(_weighted(a), z)[0]
+    gb = torch.autograd.grad(_weighted(b), z)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a) and torch.equal(ga, gb)
+    z64 = z.detach().double()
+    r64 = reference.segmentation_loss_terms(z64, labels, lam=lam, ignore_index=255)
+    ref = _losses_py(z64, labels, "ce", lam)
+    assert all(torch.equal(r64[k], ref[k]) for k in ref)
+    with pytest.raises(TypeError, match="ignore_index"):
+        segmentation_loss_terms(z, labels, ignore_index=255.0)
+    with pytest.raises(TypeError, match="ignore_index"):
+        FusionUnsupLosses(ignore_index=True)
 
 
 def test_multi_program_finalize_chunks_and_determinism(monkeypatch):
@@ -166,9 +315,17 @@ def test_golden_ce_dice_au():
     (d_dice,) = torch.autograd.grad(terms["dice"], z)
     g.check("loss.ce.grad", d_ce, "f32")
     g.check("loss.dice.grad", d_dice, "f32")
-    ce0 = segmentation_loss_terms(z, torch.where(zero_rows, 4, y_cls), kind="ce", dice=False)["ce"]
+    # the authors' nms=0 all-zero rows: a float target (they count in the CE mean) ...
+    y0 = reference.one_hot_labels(y_cls, 4, torch.float32) * (~zero_rows).unsqueeze(1)
+    ce0 = segmentation_loss_terms(z, y0, kind="ce", dice=False)["ce"]
     g.check("loss.ce_zero_rows", ce0.detach(), "f32")
     g.check("loss.ce_zero_rows.grad", torch.autograd.grad(ce0, z)[0], "f32")
+    # ... where a label outside [0, C) is not counted: the mean over n pixels, times n/N
+    ratio = float((~zero_rows).sum()) / zero_rows.numel()
+    ce_i = segmentation_loss_terms(z, torch.where(zero_rows, 4, y_cls), kind="ce",
+                                   dice=False)["ce"] * ratio
+    g.check("loss.ce_zero_rows", ce_i.detach(), "f32")
+    g.check("loss.ce_zero_rows.grad", torch.autograd.grad(ce_i, z)[0], "f32")
     for tag, t in AU_T.items():
         lam = torch.tensor(au_lambda(t, 50000), dtype=torch.float32)
         au = segmentation_loss_terms(z, y_cls, kind="ce", lam=lam, dice=False)["au"]
@@ -199,12 +356,18 @@ def test_opcheck_compile_module_lambda_errors():
     lam = torch.tensor(0.4)
     op = torch.ops.ucseg.segmentation_loss_terms
     torch.library.opcheck(op.default, (z, None, target, lam, "ce", True, 1e-5))
+    ignored = torch.where(target == 1, 255, target)  # ignore_index 0 and label 255
+    torch.library.opcheck(op.default, (z, z2, ignored, lam, "ce", True, 1e-5, 0))
     torch.library.opcheck(op.default, (z, z2, target.float().unsqueeze(1).expand(-1, 3, -1, -1)
                                        .contiguous(), None, "bce", True, 1e-5))
     _, coef = op(z, None, target, lam, "ce", True, 1e-5)
     torch.library.opcheck(torch.ops.ucseg.segmentation_loss_terms_backward.default,
                           (torch.tensor([[1.0, 2.0, 3.0]]), z.detach(), None, target, lam, coef,
                            "ce", True, 1e-5))
+    _, coef = op(z, z2, ignored, None, "bce", False, 1e-5, 0)
+    torch.library.opcheck(torch.ops.ucseg.segmentation_loss_terms_backward.default,
+                          (torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 0.0]]), z.detach(),
+                           z2.detach(), ignored, None, coef, "bce", False, 1e-5, 0))
 
     def f(x, x2, t):
         terms = segmentation_loss_terms(x, target, kind="ce", lam=t)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from golden import golden
 from ucseg_fast.ops import (CrossPseudoLabelLoss, PseudoLabelLoss, cross_pseudo_label_loss,
@@ -83,6 +84,66 @@ def test_no_kept_pixel_gives_zero_and_zero_grad(w):
     assert loss.item() == 0.0 and torch.count_nonzero(dz) == 0
 
 
+PL_IGNORE_CASES = [  # (C, spatial, dtype, fmt, label dtype, ignore_index, mask kind, dice_weight)
+    (4, (6, 7), torch.float32, torch.contiguous_format, torch.int64, -100, None, 1.0),
+    (3, (6, 7), torch.bfloat16, torch.channels_last, torch.uint8, 255, "random", 0.5),
+    (5, (3, 4, 5), torch.float32, torch.contiguous_format, torch.int32, 2, "random", 0.0),
+    (2, (3, 4, 5), torch.float16, torch.channels_last_3d, torch.int64, 0, None, 1.0),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("C,spatial,dtype,fmt,ldt,ignore_index,mask_kind,w", PL_IGNORE_CASES)
+def test_ignore_index_and_out_of_range_labels(C, spatial, dtype, fmt, ldt, ignore_index, mask_kind,
+                                              w, backend, monkeypatch):
+    """A pixel labelled ignore_index, C, 255 or −1 is not counted: the loss equals the loss of
+    in-range labels with that pixel masked out (CE sum, its denominator and the Dice sums), on
+    both paths, with several programs per sample. CE alone is torch's F.cross_entropy(ignore_index)."""
+    from ucseg_fast import ops
+
+    monkeypatch.setattr(pl_mod, "_TARGET_PROGRAMS", 4)
+    z, labels, mask = _inputs(2, C, spatial, dtype, fmt, mask_kind, seed=21)
+    r = torch.rand(labels.shape, generator=torch.Generator().manual_seed(22))
+    bad = [C, 255, ignore_index % 256] if ldt == torch.uint8 else [C, 255, -1, ignore_index]
+    lab = labels
+    for i, v in enumerate(bad):
+        lab = torch.where((r >= 0.1 * i) & (r < 0.1 * (i + 1)), v, lab)
+    lab = lab.to(ldt)
+    keep = reference.counted_pixels(lab, C, ignore_index)
+    clean = torch.where(keep, lab.long(), 0)
+    keep_m = keep if mask is None else keep & mask
+    prev = ops.get_backend()
+    ops.set_backend(backend)
+    try:
+        loss = pseudo_label_loss(z, lab, mask, dice_weight=w, ignore_index=ignore_index)
+        (dz,) = torch.autograd.grad(loss, z)
+        mod = PseudoLabelLoss(dice_weight=w, ignore_index=ignore_index)
+        assert torch.equal(mod(z, lab, mask), loss) and f"ignore_index={ignore_index}" in repr(mod)
+    finally:
+        ops.set_backend(prev)
+    _check(z, clean, keep_m, w, loss, dz)  # = the in-range labels, the pixels masked out
+    assert torch.count_nonzero(dz * ~keep_m.unsqueeze(1)) == 0
+    if w == 0.0 and mask is None:
+        want = F.cross_entropy(z.detach().float(), torch.where(keep, lab.long(), -5),
+                               ignore_index=-5)
+        torch.testing.assert_close(loss.detach(), want, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_every_label_ignored_gives_zero(backend):
+    from ucseg_fast import ops
+
+    z, labels, _ = _inputs(2, 3, (5, 7), torch.float32, torch.contiguous_format, None)
+    prev = ops.get_backend()
+    ops.set_backend(backend)
+    try:
+        loss = pseudo_label_loss(z, torch.full_like(labels, -1))
+        (dz,) = torch.autograd.grad(loss, z)
+    finally:
+        ops.set_backend(prev)
+    assert loss.item() == 0.0 and torch.count_nonzero(dz) == 0
+
+
 def test_extreme_logits_and_hand_value():
     # ±1e4 logits: CE = 0 where the label is the big class, 2e4 where it is a -1e4 class
     z = torch.full((1, 3, 1, 2), -1e4)
@@ -103,7 +164,9 @@ def test_extreme_logits_and_hand_value():
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, "f64"), (torch.float32, "f32")])
 def test_golden_ce_dice(dtype, tol):
     """CE and Dice of the authors' code (loss.*): fp64 via the reference path, fp32 via the
-    Triton kernel. All-zero target rows (nms=0) are labels outside [0, C)."""
+    Triton kernel. The authors' all-zero target rows (nms=0) count in the CE mean; a label
+    outside [0, C) is not counted at all (ignore_index rule), so the loss over the n counted
+    pixels times n/N is the golden all-zero-row CE over all N pixels."""
     g = golden()
     z = g.tensor("loss.z").to(dtype).requires_grad_(True)
     y = g.tensor("loss.y_cls").long()
@@ -112,14 +175,21 @@ def test_golden_ce_dice(dtype, tol):
     (d_ce,) = torch.autograd.grad(ce, z)
     both = pseudo_label_loss(z, y, dice_weight=1.0)
     (d_both,) = torch.autograd.grad(both, z)
-    ce0 = pseudo_label_loss(z, torch.where(zero_rows, 4, y))
-    (d_ce0,) = torch.autograd.grad(ce0, z)
     g.check("loss.ce", ce.detach(), tol)
     g.check("loss.ce.grad", d_ce, tol)
     g.check("loss.dice", (both - ce).detach(), tol)
     g.check("loss.dice.grad", d_both - d_ce, tol)
-    g.check("loss.ce_zero_rows", ce0.detach(), tol)
-    g.check("loss.ce_zero_rows.grad", d_ce0, tol)
+    ratio = float((~zero_rows).sum()) / zero_rows.numel()  # n / N, exact in binary (48/128)
+    ce_m = pseudo_label_loss(z, y, ~zero_rows) * ratio  # the same pixels left out by the mask
+    for label in (4, 255, -1):
+        ce0 = pseudo_label_loss(z, torch.where(zero_rows, label, y)) * ratio
+        (d_ce0,) = torch.autograd.grad(ce0, z)
+        g.check("loss.ce_zero_rows", ce0.detach(), tol)
+        g.check("loss.ce_zero_rows.grad", d_ce0, tol)
+        assert reference.max_abs_err(ce0, ce_m) <= 1e-6 * float(ce_m.detach().abs())
+    # ignore_index inside [0, C): class 2 is left out wherever it is
+    ig = pseudo_label_loss(z, y, ignore_index=2, dice_weight=1.0)
+    assert reference.max_abs_err(ig, pseudo_label_loss(z, y, y != 2, dice_weight=1.0)) <= 1e-6
 
 
 def test_backward_saves_no_float_class_tensor():
@@ -163,6 +233,10 @@ def test_opcheck_compile_module_errors():
         pseudo_label_loss(z, labels, mask.float())
     with pytest.raises(TypeError, match="dice_weight"):
         pseudo_label_loss(z, labels, mask, dice_weight=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="ignore_index"):
+        pseudo_label_loss(z, labels, mask, ignore_index=torch.tensor(1))
+    torch.library.opcheck(torch.ops.ucseg.pseudo_label_loss.default,
+                          (z, labels, mask, 0.5, 1e-5, 1))
 
 
 CPS_CASES = [  # (C, spatial, dtype, memory format, select, dice_weight)

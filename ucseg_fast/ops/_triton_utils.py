@@ -97,6 +97,19 @@ def check_logits(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: {t.numel() // t.shape[0]} elements per sample exceed int32 offsets")
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_ignore_index(op: str, ignore_index: int) -> int:
+    """`ignore_index` of a class-map loss: a Python int (a kernel argument, like torch's)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be a Python int, got "
+                        f"{type(ignore_index).__name__}")
+    if not _INT64[0] <= ignore_index <= _INT64[1]:
+        raise ValueError(f"{op}: ignore_index {ignore_index} is outside the int64 range")
+    return ignore_index
+
+
 def spatial_size(t: torch.Tensor) -> int:
     return math.prod(t.shape[2:])
 

@@ -20,6 +20,7 @@ Layout: both logits [B, C, *spatial] with spatial dims that collapse to one stri
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -98,7 +99,7 @@ def _empty_outputs(logits: torch.Tensor):
 def _entropy_pl_op(logits_a: torch.Tensor, logits_b: torch.Tensor, threshold: torch.Tensor,
                    select: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     labels, mask, unc = _empty_outputs(logits_a)
-    if not triton_usable(logits_a):
+    if not triton_usable(logits_a) or logits_a.numel() == 0:
         ref = reference.entropy_pseudo_label(logits_a, logits_b, threshold, select=select)
         return labels.copy_(ref.labels), mask.copy_(ref.mask), unc.copy_(ref.uncertainty)
     B, C = logits_a.shape[:2]
@@ -134,15 +135,37 @@ def check_pair(logits_a: torch.Tensor, logits_b: torch.Tensor, select: str,
         raise ValueError(f"{op}: select={select!r}, expected one of {_SELECT}")
 
 
+def check_threshold(threshold: float | torch.Tensor, like: torch.Tensor,
+                    op: str = "entropy_pseudo_label") -> float | torch.Tensor:
+    """The one threshold contract of every backend: a real Python number, or a floating tensor
+    of one element — 0-D or [1] — on the logits' device (returned as a 0-D view: in-place
+    updates of the caller's tensor stay visible to a captured graph). Anything else raises
+    here, before the backend is chosen, with the same message on every path."""
+    if isinstance(threshold, torch.Tensor):
+        if threshold.dim() > 1 or threshold.numel() != 1:
+            raise ValueError(f"{op}: threshold must be a number, a 0-D tensor or a 1-element "
+                             f"tensor [1], got shape {tuple(threshold.shape)}")
+        if not threshold.is_floating_point():
+            raise TypeError(f"{op}: a threshold tensor must be floating point, got "
+                            f"{threshold.dtype}")
+        if threshold.device != like.device:
+            raise ValueError(f"{op}: threshold is on {threshold.device}, the logits on "
+                             f"{like.device}; a threshold tensor must be on the logits' device")
+        return threshold.reshape(())
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"{op}: threshold must be a number, a 0-D tensor or a 1-element tensor "
+                        f"[1], got {type(threshold).__name__}")
+    return float(threshold)
+
+
 def threshold_tensor(threshold: float | torch.Tensor, like: torch.Tensor,
                      op: str = "entropy_pseudo_label") -> torch.Tensor:
+    """The kernels' 0-D threshold tensor of a checked threshold (`check_threshold`)."""
+    threshold = check_threshold(threshold, like, op)
     if isinstance(threshold, torch.Tensor):
-        if threshold.dim() != 0 or threshold.device != like.device:
-            raise ValueError(f"{op}: threshold must be a float or a 0-D tensor on "
-                             f"{like.device}, got shape {tuple(threshold.shape)} on {threshold.device}")
         return threshold
     # torch.full is a device fill, not a host->device copy: no sync, graph-capturable
-    return torch.full((), float(threshold), device=like.device, dtype=torch.float32)
+    return torch.full((), threshold, device=like.device, dtype=torch.float32)
 
 
 def entropy_pseudo_label(logits_a: torch.Tensor, logits_b: torch.Tensor,
@@ -151,10 +174,12 @@ def entropy_pseudo_label(logits_a: torch.Tensor, logits_b: torch.Tensor,
     """Hard pseudo-labels, confidence mask and uncertainty from two subnets' logits.
 
     logits_a, logits_b: [B, C, *spatial], fp32/fp16/bf16, contiguous or channels-last.
-    threshold: float, or a 0-D tensor on the logits' device (update it in place between CUDA
-    graph replays). Returns PseudoLabels(labels int64, mask bool, uncertainty float32), each
-    [B, *spatial], without gradient. Exact semantics: module docstring / `reference`."""
+    threshold: a number, or a 0-D / [1] floating tensor on the logits' device (update it in
+    place between CUDA graph replays); anything else raises the same error on every backend.
+    Returns PseudoLabels(labels int64, mask bool, uncertainty float32), each [B, *spatial],
+    without gradient (empty for B = 0). Exact semantics: module docstring / `reference`."""
     check_pair(logits_a, logits_b, select)
+    threshold = check_threshold(threshold, logits_a)
     if not use_triton(logits_a):
         return reference.entropy_pseudo_label(logits_a, logits_b, threshold, select=select)
     thr = threshold_tensor(threshold, logits_a)
@@ -177,7 +202,13 @@ class EntropyPseudoLabel(nn.Module):
 
     @torch.no_grad()
     def set_threshold(self, value: float | torch.Tensor) -> None:
-        self.threshold.fill_(value)
+        """In place (a captured graph sees it); a number, or a 0-D / [1] floating tensor."""
+        value = check_threshold(value, value if isinstance(value, torch.Tensor) else
+                                self.threshold, "EntropyPseudoLabel.set_threshold")
+        if isinstance(value, torch.Tensor):
+            self.threshold.copy_(value)
+        else:
+            self.threshold.fill_(value)
 
     def forward(self, logits_a: torch.Tensor, logits_b: torch.Tensor) -> PseudoLabels:
         return entropy_pseudo_label(logits_a, logits_b, self.threshold, select=self.select)

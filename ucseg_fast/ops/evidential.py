@@ -199,11 +199,16 @@ def _reference_grad(grad_u: torch.Tensor, logits: torch.Tensor, patch: int) -> t
 
 
 # --------------------------------------------------------------------------- custom ops
+def _kernels_run(logits: torch.Tensor) -> bool:
+    """Launch the kernels (an empty input takes the reference: no zero-size grid)."""
+    return triton_usable(logits) and logits.numel() > 0
+
+
 @torch.library.custom_op("ucseg::evidential_uncertainty", mutates_args=())
 def _evidential_op(logits: torch.Tensor) -> torch.Tensor:
     B = logits.shape[0]
     u = torch.empty((B, 1, *logits.shape[2:]), device=logits.device, dtype=out_float_dtype(logits))
-    if not triton_usable(logits):  # any device/dtype: same contract through the reference
+    if not _kernels_run(logits):  # any device/dtype: same contract through the reference
         return u.copy_(reference.evidential_uncertainty(logits))
     return _launch_fwd(logits, u, 0)
 
@@ -216,7 +221,7 @@ def _(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("ucseg::evidential_uncertainty_backward", mutates_args=())
 def _evidential_bwd_op(grad_u: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    if not triton_usable(logits):
+    if not _kernels_run(logits):
         return _reference_grad(grad_u, logits, 0)
     return _launch_bwd(grad_u, logits, 0)
 
@@ -244,7 +249,7 @@ def _evidential_tokens_op(logits: torch.Tensor, patch_size: int) -> torch.Tensor
     """u in patch-token layout: contiguous [B, N, p^d] = Patchify(p)(u [B, 1, *S])."""
     n_tok, pv = token_geometry(logits.shape[2:], patch_size, "evidential_uncertainty")[4:]
     u = torch.empty((logits.shape[0], n_tok, pv), device=logits.device, dtype=out_float_dtype(logits))
-    if not triton_usable(logits):
+    if not _kernels_run(logits):
         return u.copy_(patchify_map(reference.evidential_uncertainty(logits), patch_size))
     return _launch_fwd(logits, u, patch_size)
 
@@ -258,7 +263,7 @@ def _(logits: torch.Tensor, patch_size: int) -> torch.Tensor:
 @torch.library.custom_op("ucseg::evidential_uncertainty_tokens_backward", mutates_args=())
 def _evidential_tokens_bwd_op(grad_u: torch.Tensor, logits: torch.Tensor, patch_size: int) -> torch.Tensor:
     """dz (layout of empty_like(logits)) from the gradient of the token-layout u [B, N, p^d]."""
-    if not triton_usable(logits):
+    if not _kernels_run(logits):
         return _reference_grad(grad_u, logits, patch_size)
     return _launch_bwd(grad_u, logits, patch_size)
 

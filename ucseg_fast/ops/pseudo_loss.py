@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 from . import reference
-from ._triton_utils import (cdiv, check_logits, flat_layout, next_pow2, num_warps_for,
-                            out_float_dtype, softmax_logp_f32, spatial_size, tile_sizes, tl,
-                            triton, triton_usable, use_triton)
-from .entropy import check_pair, pseudo_label_tile, threshold_tensor
+from ._triton_utils import (cdiv, check_ignore_index, check_logits, flat_layout, next_pow2,
+                            num_warps_for, out_float_dtype, softmax_logp_f32, spatial_size,
+                            tile_sizes, tl, triton, triton_usable, use_triton)
+from .entropy import check_pair, check_threshold, pseudo_label_tile, threshold_tensor
 from .reference import CrossPseudoLoss, PseudoLabels
 
 __all__ = ["pseudo_label_loss", "PseudoLabelLoss", "cross_pseudo_label_loss",
@@ -91,7 +91,20 @@ def _loss_grad_tile(p, y, keep, crow, g, offs_c, valid_c, C: tl.constexpr, HAS_D
 
 
 @triton.jit
-def _pl_loss_fwd_kernel(z_ptr, label_ptr, mask_ptr, part_ptr, S, n_tiles,
+def _labels_keep(label_ptr, mask_ptr, b, S, offs_s, in_s, offs_c, ignore_index, C: tl.constexpr,
+                 HAS_MASK: tl.constexpr):
+    """(y [BLOCK_C, BLOCK_S] bool one-hot, keep [BLOCK_S]): the counted pixels — in bounds,
+    kept by the mask, label in [0, C) and not ignore_index (compared in int64, so a uint8 255
+    or an int64 2**32 + 1 never wraps into [0, C))."""
+    lab = tl.load(label_ptr + b * S + offs_s, mask=in_s, other=-1).to(tl.int64)
+    keep = in_s & (lab >= 0) & (lab < C) & (lab != ignore_index)
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + b * S + offs_s, mask=in_s, other=0) != 0)
+    return offs_c[:, None] == lab[None, :], keep
+
+
+@triton.jit
+def _pl_loss_fwd_kernel(z_ptr, label_ptr, mask_ptr, part_ptr, S, n_tiles, ignore_index,
                         stride_zb, stride_zc, stride_zs,
                         C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                         HAS_MASK: tl.constexpr, HAS_DICE: tl.constexpr):
@@ -111,12 +124,8 @@ def _pl_loss_fwd_kernel(z_ptr, label_ptr, mask_ptr, part_ptr, S, n_tiles,
         z = tl.load(z_ptr + b * stride_zb + offs_c[:, None] * stride_zc + offs_s[None, :] * stride_zs,
                     mask=valid_c & in_s[None, :], other=0.0).to(tl.float32)
         p, logp = softmax_logp_f32(z, valid_c)
-        lab = tl.load(label_ptr + b * S + offs_s, mask=in_s, other=-1)
-        y = offs_c[:, None] == lab[None, :]
-        if HAS_MASK:
-            keep = in_s & (tl.load(mask_ptr + b * S + offs_s, mask=in_s, other=0) != 0)
-        else:
-            keep = in_s
+        y, keep = _labels_keep(label_ptr, mask_ptr, b, S, offs_s, in_s, offs_c, ignore_index, C,
+                               HAS_MASK)
         acc_ce, acc_i, acc_p = _loss_partials(acc_ce, acc_i, acc_p, p, logp, y, keep, HAS_DICE)
         acc_n += keep.to(tl.float32)
         if HAS_DICE:
@@ -229,7 +238,7 @@ def _pl_loss_finalize_kernel(part_ptr, coef_ptr, loss_ptr, B, n_rows, dice_weigh
 
 
 @triton.jit
-def _pl_loss_bwd_kernel(g_ptr, z_ptr, label_ptr, mask_ptr, coef_ptr, dz_ptr, S,
+def _pl_loss_bwd_kernel(g_ptr, z_ptr, label_ptr, mask_ptr, coef_ptr, dz_ptr, S, ignore_index,
                         stride_zb, stride_zc, stride_zs, stride_db, stride_dc, stride_ds,
                         C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                         HAS_MASK: tl.constexpr, HAS_DICE: tl.constexpr):
@@ -243,12 +252,8 @@ def _pl_loss_bwd_kernel(g_ptr, z_ptr, label_ptr, mask_ptr, coef_ptr, dz_ptr, S,
     z = tl.load(z_ptr + b * stride_zb + offs_c[:, None] * stride_zc + offs_s[None, :] * stride_zs,
                 mask=ld, other=0.0).to(tl.float32)
     p, _ = softmax_logp_f32(z, valid_c)
-    lab = tl.load(label_ptr + b * S + offs_s, mask=in_s, other=-1)
-    y = offs_c[:, None] == lab[None, :]
-    if HAS_MASK:
-        keep = in_s & (tl.load(mask_ptr + b * S + offs_s, mask=in_s, other=0) != 0)
-    else:
-        keep = in_s
+    y, keep = _labels_keep(label_ptr, mask_ptr, b, S, offs_s, in_s, offs_c, ignore_index, C,
+                           HAS_MASK)
     g = tl.load(g_ptr).to(tl.float32)
     dz = _loss_grad_tile(p, y, keep, coef_ptr + b * (1 + 2 * C), g, offs_c, valid_c, C, HAS_DICE)
     tl.store(dz_ptr + b * stride_db + offs_c[:, None] * stride_dc + offs_s[None, :] * stride_ds,
@@ -299,6 +304,12 @@ def _flat_targets(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
     return lab, mask.reshape(B, S).contiguous().view(torch.uint8), True
 
 
+def _kernels_run(logits: torch.Tensor) -> bool:
+    """The custom ops launch the kernels; an empty input (B = 0 or no pixel) takes the
+    reference (loss 0, empty outputs), and so does what Triton cannot run."""
+    return triton_usable(logits) and logits.numel() > 0
+
+
 def _coef_shape(logits: torch.Tensor) -> tuple[int, int]:
     return (logits.shape[0], 1 + 2 * logits.shape[1])
 
@@ -326,15 +337,17 @@ def _finalize(part: torch.Tensor, coef: torch.Tensor, loss: torch.Tensor, dice_w
 
 @torch.library.custom_op("ucseg::pseudo_label_loss", mutates_args=())
 def _pl_loss_op(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None,
-                dice_weight: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                dice_weight: float, eps: float, ignore_index: int = -100
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, coef): coef [B, 1 + 2C] float32 holds what the backward needs
     (1/max(1, Σm), then the Dice α_bc and β_bc); it is a non-differentiable output."""
     B, C = logits.shape[:2]
     odt = out_float_dtype(logits)
     loss = logits.new_empty((), dtype=odt)
     coef = logits.new_empty(_coef_shape(logits), dtype=torch.float32)
-    if not triton_usable(logits):  # the backward recomputes through the reference; coef unused
-        ref = reference.pseudo_label_loss(logits, labels, mask, dice_weight=dice_weight, eps=eps)
+    if not _kernels_run(logits):  # the backward recomputes through the reference; coef unused
+        ref = reference.pseudo_label_loss(logits, labels, mask, dice_weight=dice_weight, eps=eps,
+                                          ignore_index=ignore_index)
         return loss.copy_(ref), coef.zero_()
     z, sb, sc, ss = flat_layout(logits)
     S = spatial_size(z)
@@ -343,14 +356,14 @@ def _pl_loss_op(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor |
     block_c, block_s, n_tiles, n_prog = _sweep_geometry(B, C, S)
     part = logits.new_empty((B, n_prog, 2 + 3 * C), dtype=torch.float32)
     _pl_loss_fwd_kernel[(n_prog, B)](
-        z, lab, msk, part, S, n_tiles, sb, sc, ss, C=C, BLOCK_C=block_c, BLOCK_S=block_s,
+        z, lab, msk, part, S, n_tiles, ignore_index, sb, sc, ss, C=C, BLOCK_C=block_c, BLOCK_S=block_s,
         HAS_MASK=has_mask, HAS_DICE=has_dice, num_warps=num_warps_for(block_c, block_s))
     _finalize(part.unsqueeze(0), coef, loss, dice_weight, eps)
     return loss, coef
 
 
 @_pl_loss_op.register_fake
-def _(logits, labels, mask, dice_weight, eps):
+def _(logits, labels, mask, dice_weight, eps, ignore_index=-100):
     return (logits.new_empty((), dtype=out_float_dtype(logits)),
             logits.new_empty(_coef_shape(logits), dtype=torch.float32))
 
@@ -358,13 +371,16 @@ def _(logits, labels, mask, dice_weight, eps):
 @torch.library.custom_op("ucseg::pseudo_label_loss_backward", mutates_args=())
 def _pl_loss_bwd_op(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
                     mask: torch.Tensor | None, coef: torch.Tensor, dice_weight: float,
-                    eps: float) -> torch.Tensor:
+                    eps: float, ignore_index: int = -100) -> torch.Tensor:
     dz = torch.empty_like(logits)
-    if not triton_usable(logits):
-        with torch.enable_grad():
-            z = logits.detach().requires_grad_(True)
-            ref = reference.pseudo_label_loss(z, labels, mask, dice_weight=dice_weight, eps=eps)
-            (g,) = torch.autograd.grad(ref, z, grad)
+    if not _kernels_run(logits):
+        # torch.func, not enable_grad + autograd.grad: an op's implementation runs below the
+        # autograd dispatch key, where enable_grad() records nothing
+        ref, vjp = torch.func.vjp(
+            lambda z: reference.pseudo_label_loss(z, labels, mask, dice_weight=dice_weight,
+                                                  eps=eps, ignore_index=ignore_index),
+            logits.detach())
+        (g,) = vjp(grad.to(ref.dtype))
         return dz.copy_(g)
     B, C = logits.shape[:2]
     z, sb, sc, ss = flat_layout(logits)
@@ -373,32 +389,33 @@ def _pl_loss_bwd_op(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tens
     dz_flat, db, dc, ds = flat_layout(dz)  # a copy only for non-collapsible layouts
     block_c, block_s = tile_sizes(C, S)
     _pl_loss_bwd_kernel[(cdiv(S, block_s), B)](
-        grad, z, lab, msk, coef, dz_flat, S, sb, sc, ss, db, dc, ds, C=C, BLOCK_C=block_c,
+        grad, z, lab, msk, coef, dz_flat, S, ignore_index, sb, sc, ss, db, dc, ds, C=C, BLOCK_C=block_c,
         BLOCK_S=block_s, HAS_MASK=has_mask, HAS_DICE=dice_weight != 0.0,
         num_warps=num_warps_for(block_c, block_s))
     return dz if dz_flat is dz else dz.copy_(dz_flat)
 
 
 @_pl_loss_bwd_op.register_fake
-def _(grad, logits, labels, mask, coef, dice_weight, eps):
+def _(grad, logits, labels, mask, coef, dice_weight, eps, ignore_index=-100):
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, labels, mask, dice_weight, eps = inputs
+    logits, labels, mask, dice_weight, eps, ignore_index = inputs
     _, coef = output
     ctx.save_for_backward(logits, labels, mask, coef)
-    ctx.dice_weight, ctx.eps = dice_weight, eps
+    ctx.dice_weight, ctx.eps, ctx.ignore_index = dice_weight, eps, ignore_index
     ctx.mark_non_differentiable(coef)
     ctx.set_materialize_grads(False)  # no zero-filled grad for coef (a launch saved)
 
 
 def _backward(ctx, grad_loss: torch.Tensor | None, grad_coef: torch.Tensor | None):
     if grad_loss is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     logits, labels, mask, coef = ctx.saved_tensors
-    dz = _pl_loss_bwd_op(grad_loss, logits, labels, mask, coef, ctx.dice_weight, ctx.eps)
-    return dz, None, None, None, None
+    dz = _pl_loss_bwd_op(grad_loss, logits, labels, mask, coef, ctx.dice_weight, ctx.eps,
+                         ctx.ignore_index)
+    return dz, None, None, None, None, None
 
 
 _pl_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -419,37 +436,52 @@ def _check_targets(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
 
 
 def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
-                      *, dice_weight: float = 0.0, eps: float = 1e-5) -> torch.Tensor:
+                      *, dice_weight: float = 0.0, eps: float = 1e-5,
+                      ignore_index: int = -100) -> torch.Tensor:
     """Masked cross-entropy over kept pixels + dice_weight × soft Dice loss, a 0-D tensor.
 
     logits [B, C, *spatial] (fp32/fp16/bf16, contiguous or channels-last, differentiable);
     labels [B, *spatial] integer class indices (e.g. `entropy_pseudo_label(...).labels`);
-    mask [B, *spatial] bool or None (all kept). No kept pixel → 0 with zero gradient.
-    dice_weight is a Python number (0 skips the Dice sums entirely). float32 result."""
-    check_logits("pseudo_label_loss: logits", logits)
+    mask [B, *spatial] bool or None (all kept). A pixel counts when the mask keeps it and its
+    label is in [0, C) and not `ignore_index` (255, −1, ... are never counted); an uncounted
+    pixel adds nothing to the CE sum, its denominator or the Dice sums (F.cross_entropy's
+    ignore_index rule). No counted pixel (or B = 0) → CE 0 with zero gradient (torch: NaN).
+    dice_weight is a Python number, default 0 (CE only; 0 skips the Dice sums entirely).
+    float32 result."""
+    op = "pseudo_label_loss"
+    check_logits(f"{op}: logits", logits)
     _check_targets(logits, labels, mask)
+    check_ignore_index(op, ignore_index)
     if isinstance(dice_weight, torch.Tensor) or isinstance(eps, torch.Tensor):
         raise TypeError("pseudo_label_loss: dice_weight and eps must be Python numbers (they are "
                         "kernel constants); scale the returned loss for a per-step device weight")
     if not use_triton(logits):
-        return reference.pseudo_label_loss(logits, labels, mask, dice_weight=dice_weight, eps=eps)
-    loss, _ = _pl_loss_op(logits, labels, mask, float(dice_weight), float(eps))
+        return reference.pseudo_label_loss(logits, labels, mask, dice_weight=dice_weight, eps=eps,
+                                           ignore_index=ignore_index)
+    loss, _ = _pl_loss_op(logits, labels, mask, float(dice_weight), float(eps), ignore_index)
     return loss
 
 
 class PseudoLabelLoss(nn.Module):
-    """nn.Module form of `pseudo_label_loss` (no parameters)."""
+    """nn.Module form of `pseudo_label_loss` (no parameters).
 
-    def __init__(self, dice_weight: float = 0.0, eps: float = 1e-5) -> None:
+        crit = PseudoLabelLoss(dice_weight=1.0, ignore_index=255)
+        loss = crit(logits, labels, mask)  # mask optional"""
+
+    def __init__(self, dice_weight: float = 0.0, eps: float = 1e-5,
+                 ignore_index: int = -100) -> None:
         super().__init__()
+        check_ignore_index("PseudoLabelLoss", ignore_index)
         self.dice_weight, self.eps = float(dice_weight), float(eps)
+        self.ignore_index = int(ignore_index)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        return pseudo_label_loss(logits, labels, mask, dice_weight=self.dice_weight, eps=self.eps)
+        return pseudo_label_loss(logits, labels, mask, dice_weight=self.dice_weight, eps=self.eps,
+                                 ignore_index=self.ignore_index)
 
     def extra_repr(self) -> str:
-        return f"dice_weight={self.dice_weight}, eps={self.eps}"
+        return f"dice_weight={self.dice_weight}, eps={self.eps}, ignore_index={self.ignore_index}"
 
 
 # --------------------------------------------------------------------------- both subnets
@@ -469,7 +501,7 @@ def _cps_op(logits_a: torch.Tensor, logits_b: torch.Tensor, threshold: torch.Ten
     """Returns (losses [2], labels, mask, uncertainty, coef [2, B, 1 + 2C]); only losses is
     differentiable. Forward: one sweep + one finalize launch."""
     losses, labels, mask, unc, coef = _pair_outputs(logits_a)
-    if not triton_usable(logits_a):
+    if not _kernels_run(logits_a):
         ref = reference.cross_pseudo_label_loss(logits_a, logits_b, threshold, select=select,
                                                 dice_weight=dice_weight, eps=eps)
         losses.copy_(torch.stack([ref.loss_a, ref.loss_b]))
@@ -500,7 +532,7 @@ def _cps_bwd_op(grad_losses: torch.Tensor, logits_a: torch.Tensor, logits_b: tor
                 labels: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor, dice_weight: float,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     dza, dzb = torch.empty_like(logits_a), torch.empty_like(logits_b)
-    if not triton_usable(logits_a):
+    if not _kernels_run(logits_a):
         for z, dz, g in ((logits_a, dza, grad_losses[0]), (logits_b, dzb, grad_losses[1])):
             dz.copy_(_pl_loss_bwd_op(g, z, labels, mask, coef[0], dice_weight, eps))
         return dza, dzb
@@ -560,6 +592,7 @@ def cross_pseudo_label_loss(logits_a: torch.Tensor, logits_b: torch.Tensor,
     Returns CrossPseudoLoss(loss_a, loss_b, pseudo=PseudoLabels(labels, mask, uncertainty))."""
     op = "cross_pseudo_label_loss"
     check_pair(logits_a, logits_b, select, op)
+    threshold = check_threshold(threshold, logits_a, op)
     if isinstance(dice_weight, torch.Tensor) or isinstance(eps, torch.Tensor):
         raise TypeError(f"{op}: dice_weight and eps must be Python numbers (kernel constants); "
                         "scale the returned losses for a per-step device weight")
@@ -587,7 +620,13 @@ class CrossPseudoLabelLoss(nn.Module):
 
     @torch.no_grad()
     def set_threshold(self, value: float | torch.Tensor) -> None:
-        self.threshold.fill_(value)
+        """In place (a captured graph sees it); a number, or a 0-D / [1] floating tensor."""
+        value = check_threshold(value, value if isinstance(value, torch.Tensor) else
+                                self.threshold, "CrossPseudoLabelLoss.set_threshold")
+        if isinstance(value, torch.Tensor):
+            self.threshold.copy_(value)
+        else:
+            self.threshold.fill_(value)
 
     def forward(self, logits_a: torch.Tensor, logits_b: torch.Tensor) -> CrossPseudoLoss:
         return cross_pseudo_label_loss(logits_a, logits_b, self.threshold, select=self.select,

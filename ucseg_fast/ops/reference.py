@@ -74,28 +74,46 @@ def entropy_pseudo_label(logits_a: torch.Tensor, logits_b: torch.Tensor,
 
 
 def one_hot_labels(labels: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, C, *spatial] one-hot; labels outside [0, C) give an all-zero row (contributes 0 to
-    CE but still counts in its mean, like the reference's probability-target CE)."""
+    """[B, C, *spatial] one-hot; a label outside [0, C) gives an all-zero row. (The loss ops do
+    not count such a pixel at all: see `counted_pixels`.)"""
     classes = torch.arange(C, device=labels.device).view(1, C, *([1] * (labels.dim() - 1)))
     return (labels.unsqueeze(1) == classes).to(dtype)
 
 
+def counted_pixels(labels: torch.Tensor, C: int, ignore_index: int = -100) -> torch.Tensor:
+    """bool [B, *spatial]: the pixels a class-map loss counts — label in [0, C) and not
+    `ignore_index`. Every other pixel is left out of every term of the loss (sums and means),
+    as `F.cross_entropy(..., ignore_index=...)` leaves it out."""
+    lab = labels.long()  # compare in int64: a uint8 map against -100 must not wrap
+    return (lab >= 0) & (lab < C) & (lab != ignore_index)
+
+
+def _zero_loss(z: torch.Tensor) -> torch.Tensor:
+    """A 0-D zero connected to z (zero gradient): the value of every loss of an empty input."""
+    return z.sum() * 0
+
+
 def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
-                      *, dice_weight: float = 0.0, eps: float = 1e-5,
+                      *, dice_weight: float = 0.0, eps: float = 1e-5, ignore_index: int = -100,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
     """Masked CE mean over kept pixels + dice_weight × soft Dice loss (METHOD.md §2.1, §6.5).
 
-    CE = Σ_i m_i·(−Σ_c y_ic log p_ic) / max(1, Σ_i m_i)  (no kept pixel → 0, zero gradient);
-    Dice = mean_{b,c} 1 − (2Σ p·y·m + eps) / (Σ p·m + Σ y·m + eps), sums over all spatial dims."""
+    m_i = mask_i and labels_i in [0, C) and labels_i != ignore_index (the counted pixels);
+    CE = Σ_i m_i·(−Σ_c y_ic log p_ic) / max(1, Σ_i m_i)  (no counted pixel → 0, zero gradient);
+    Dice = mean_{b,c} 1 − (2Σ p·y·m + eps) / (Σ p·m + Σ y·m + eps), sums over all spatial dims
+    (an empty batch has no (b, c) group: Dice 0)."""
     ct = _compute_dtype(logits, dtype)
     z = logits.to(ct)
     C = z.shape[1]
     logp = torch.log_softmax(z, dim=1)
     y = one_hot_labels(labels, C, ct)
-    m = torch.ones_like(z[:, :1]) if mask is None else mask.unsqueeze(1).to(ct)
+    keep = counted_pixels(labels, C, ignore_index)
+    if mask is not None:
+        keep = keep & mask.to(torch.bool)
+    m = keep.unsqueeze(1).to(ct)
     ce_pix = -(y * logp).sum(1, keepdim=True)
     loss = (ce_pix * m).sum() / m.sum().clamp(min=1)
-    if dice_weight != 0.0:
+    if dice_weight != 0.0 and z.shape[0] > 0:
         p = torch.softmax(z, dim=1)
         dims = tuple(range(2, z.dim()))
         inter = (p * y * m).sum(dims)
@@ -103,7 +121,6 @@ def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
         dice = (1 - (2 * inter + eps) / (union + eps)).mean()
         loss = loss + dice_weight * dice
     return loss
-
 
 
 class CrossPseudoLoss(NamedTuple):
@@ -147,37 +164,67 @@ def tolerance(oracle: torch.Tensor, baseline: torch.Tensor, *, atol: float = 0.0
 
 def segmentation_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, kind: str = "ce",
                             lam: torch.Tensor | float | None = None, dice: bool = True,
-                            eps: float = 1e-5, dtype: torch.dtype | None = None
-                            ) -> dict[str, torch.Tensor]:
+                            eps: float = 1e-5, ignore_index: int = -100,
+                            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The fusion-mode loss terms {kind: CE|BCE, 'dice', 'au'} of one logit map, exactly the
     plain-PyTorch losses of `ucseg_fast.losses` (ce_loss/bce_loss, dice_loss(probs) — per
-    axial slice in 3D —, au_loss). target: int class map [B, *S] (labels outside [0, C) are
-    all-zero rows) or a float one-hot/multi-hot map [B, C, *S], whose argmax (first index;
-    0 for an all-zero row) is the AU target class."""
+    axial slice in 3D —, au_loss) when every pixel counts.
+
+    target: an int class map [B, *S], or a float one-hot/multi-hot map [B, C, *S] whose argmax
+    (first index; 0 for an all-zero row) is the AU target class.
+    Class map: a pixel whose label is `ignore_index` or outside [0, C) is not counted — it
+    adds nothing to the CE/BCE sum, the Dice sums (I, Σp, Σy) or the AU sum, and the CE/BCE
+    and AU means run over the counted pixels only (F.cross_entropy's ignore_index rule); no
+    counted pixel → CE/BCE and AU are 0 with zero gradient (where torch gives NaN).
+    Float map: every pixel counts; an all-zero row is a real target (CE 0, in the mean).
+    An empty input (no pixel, or B = 0) gives 0 for every term."""
     from .. import losses as L  # lazy: losses.py is built on ops/, keep the import one-way
 
-    z = logits.to(_compute_dtype(logits, dtype))
-    if target.dim() == z.dim():
-        y = target.to(z.dtype)
-        cls = y.argmax(1)
-    else:
-        y = one_hot_labels(target, z.shape[1], z.dtype)
-        cls = target
     if kind not in ("ce", "bce"):
         raise ValueError(f"segmentation_loss_terms: kind must be 'ce' or 'bce', got {kind!r}")
-    terms = {kind: L.ce_loss(z, y) if kind == "ce" else L.bce_loss(z, y)}
+    z = logits.to(_compute_dtype(logits, dtype))
+    C = z.shape[1]
+    keys = [kind] + (["dice"] if dice else []) + (["au"] if lam is not None else [])
+    if z.numel() == 0:
+        return {k: _zero_loss(z) for k in keys}
+    if target.dim() == z.dim():
+        y = target.to(z.dtype)
+        terms = {kind: L.ce_loss(z, y) if kind == "ce" else L.bce_loss(z, y)}
+        if dice:
+            terms["dice"] = L.dice_loss(L.probs(z, kind), y, eps)
+        if lam is not None:
+            terms["au"] = L.au_loss(z, y.argmax(1), lam)
+        return terms
+    # class map: the means over all N pixels (losses.py), with the pixels that do not count
+    # zeroed, rescaled by N / max(1, n). Every factor is exactly 1 when every pixel counts, so
+    # the in-range values and gradients are bitwise those of losses.py.
+    keep = counted_pixels(target, C, ignore_index)
+    cls = torch.where(keep, target.long(), -1)
+    y = one_hot_labels(cls, C, z.dtype)
+    keep_c = keep.unsqueeze(1)
+    n = keep.sum().to(z.dtype).clamp(min=1)
+    scale = n.new_full((), keep.numel()) / n  # N / n (not N * (1/n): exactly 1 for n = N)
+    if kind == "ce":
+        cls_t = L.ce_loss(z, y)  # the uncounted rows of y are zero: they add 0 to the sum
+    else:
+        w = keep_c.to(z.dtype).expand_as(z)  # weight 1 (exact) / 0: uncounted pixels add 0
+        cls_t = F.binary_cross_entropy_with_logits(z, y, weight=w)
+    terms = {kind: cls_t * scale}
     if dice:
-        terms["dice"] = L.dice_loss(L.probs(z, kind), y, eps)
+        p = L.probs(z, kind)
+        terms["dice"] = L.dice_loss(torch.where(keep_c, p, torch.zeros_like(p)), y, eps)
     if lam is not None:
-        terms["au"] = L.au_loss(z, cls, lam)
+        au = L.au_loss(z, cls, lam, reduction="none")
+        terms["au"] = torch.where(keep, au, torch.zeros_like(au)).mean() * scale
     return terms
 
 
 def fusion_unsup_losses(z1_u: torch.Tensor, z2_u: torch.Tensor, Y_u: torch.Tensor, *,
-                        kind: str = "ce", eps: float = 1e-5, dtype: torch.dtype | None = None
+                        kind: str = "ce", eps: float = 1e-5, ignore_index: int = -100,
+                        dtype: torch.dtype | None = None
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Both subnets' unsupervised {kind, 'dice'} terms against one pseudo-label Y_u."""
-    kw = dict(kind=kind, eps=eps, dtype=dtype)
+    kw = dict(kind=kind, eps=eps, ignore_index=ignore_index, dtype=dtype)
     return (segmentation_loss_terms(z1_u, Y_u, **kw), segmentation_loss_terms(z2_u, Y_u, **kw))
 
 
