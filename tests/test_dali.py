@@ -183,7 +183,8 @@ def test_dali_folder_decodes_like_torch(tmp_path, cache, monkeypatch):
     from ucseg_fast.data.folders import FolderDataset, export_folder
     export_folder(ACDC_ROOT, tmp_path, fmt="png", labeled_patients=3, max_val_volumes=0)
     ov = [f"--data.root='{tmp_path}'", "--data.format=folder", "--data.img_size=[64,64]",
-          "--data.labeled_bs=4", "--data.unlabeled_bs=3", "--data.backend=dali"]
+          "--data.labeled_bs=4", "--data.unlabeled_bs=3", "--data.backend=dali",
+          "--loss.phase2_start=50000"]  # unequal halves: no copy-paste phase
     ref, _ = FolderDataset(tmp_path, num_classes=4).load_split("unlabeled", (64, 64), with_labels=False)
 
     s = build_train_stream(load_config(None, ov + ["--data.augment=false"]).data, device="cpu", seed=0)

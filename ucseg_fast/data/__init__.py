@@ -1,11 +1,13 @@
 """Data: the `Batch` contract, SSL4MIS HDF5 reading (2D slices, 3D volumes), two-stream sampling,
-GPU augmentation, the 3D volume stream.
+GPU augmentation, the 3D volume stream; `guards` (path checks, the pixel cap, resume identity)
+and `prefetch` (ordered decoding threads).
 
 Nothing here touches CUDA at import time.
 """
 from .augment import AugmentParams, apply_params, augment_2d, draw_params
 from .augment3d import RotFlipCrop, draw_rot_flip_crop, rot_flip_crop
 from .batch import Batch
+from .guards import DataPathError
 from .sampler import TwoStreamSampler
 from .ssl4mis import (
     LABELED_SLICES,
@@ -26,6 +28,7 @@ __all__ = [
     "AugmentParams",
     "Batch",
     "DataError",
+    "DataPathError",
     "RotFlipCrop",
     "SSL4MISDataset",
     "TrainStream",

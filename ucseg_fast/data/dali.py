@@ -62,9 +62,9 @@ import torch
 
 from .augment import AugmentParams, apply_stages, draw_params
 from .batch import Batch
+from .guards import DEFAULT_MAX_IMAGE_PIXELS, DataError, check_file, check_pixels
 from .manifest import ManifestStream
 from .sampler import TwoStreamSampler
-from .ssl4mis import DataError
 from .stream import _AUGMENT_KEYS, _torch_seed
 
 __all__ = ["DaliTrainStream", "dali_unavailable_reason", "nearest_resize_matrix", "ssr_matrices"]
@@ -209,9 +209,11 @@ class _EncodedSource(_Source):
     """Encoded PNG/JPEG bytes of unlabeled files: a file list (epoch permutations) or a manifest."""
 
     def __init__(self, batch: int, files: Sequence[Path] | None, manifest: ManifestStream | None,
-                 sampler_seed: int, rank: int, world_size: int, **kw: Any) -> None:
+                 sampler_seed: int, rank: int, world_size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 **kw: Any) -> None:
         super().__init__(batch, rank=rank, **kw)
         self.files, self.manifest = files, manifest
+        self.max_pixels = max_pixels
         self.sampler = None
         if files is not None:
             self.sampler = TwoStreamSampler(np.arange(len(files)), [], batch, 0, sampler_seed ^ 0x756E6C,
@@ -231,30 +233,24 @@ class _EncodedSource(_Source):
     def _read(self, path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
         from PIL import Image
 
-        data = np.fromfile(path, dtype=np.uint8)
-        try:  # header only: size for the resize matrix, and a cheap corruption check
+        check_file(path, "image file")
+        try:  # header only: size for the resize matrix and the pixel cap, a cheap corruption check
             with Image.open(path) as im:
                 w, h = im.size
-                if im.format not in ("PNG", "JPEG"):
-                    raise DataError(f"{path}: {im.format} is not decoded by the DALI path (PNG/JPEG only)")
-        except (OSError, ValueError, SyntaxError) as exc:
+                fmt = im.format
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise DataError(f"{path}: unreadable image header ({exc})") from exc
-        return data, (h, w)
+        if fmt not in ("PNG", "JPEG"):
+            raise DataError(f"{path}: {fmt} is not decoded by the DALI path (PNG/JPEG only)")
+        check_pixels(path, w, h, self.max_pixels)
+        return np.fromfile(path, dtype=np.uint8), (h, w)
 
     def _next_file(self) -> tuple[np.ndarray, tuple[int, int]]:
         if self.sampler is not None:
             raise AssertionError  # pragma: no cover
         assert self.manifest is not None
         # The manifest's own skip logic (count + log with the file name) applies to headers too.
-        holder: dict[str, Any] = {}
-
-        def reader(path: str) -> np.ndarray:
-            holder["data"], holder["hw"] = self._read(path)
-            return np.zeros(holder["hw"], np.float32)  # unused: size=None keeps the shape
-
-        self.manifest.reader, self.manifest.size = reader, None
-        self.manifest.next_image()
-        return holder["data"], holder["hw"]
+        return self.manifest.next_readable(self._read)[1]
 
     def draw(self) -> tuple[tuple[list[np.ndarray], ...], AugmentParams]:
         if self.sampler is not None:
@@ -366,11 +362,15 @@ class DaliTrainStream:
             ``unlabeled_files`` nor ``unlabeled_manifest``, the rest of the cache is the
             unlabeled stream (one pipeline, exactly `TrainStream`'s sampling and parameters).
         unlabeled_files: PNG/JPEG files decoded by DALI (``mixed`` on a GPU) as the unlabeled stream.
-        unlabeled_manifest: a `ManifestStream` (already sharded) as the unlabeled stream.
+        unlabeled_manifest: a `ManifestStream` (already sharded) as the unlabeled stream; its bad
+            files are skipped and counted (`skipped_files`; the count includes batches DALI has
+            prefetched).
         device: training device; CUDA -> GPU operators on that device, CPU -> ``device_id=None``.
         augment: `augment_2d` keyword arguments (all applied: distortion and dropout in the
             torch post-stage).
         channels: output channels (gray is repeated, as `TrainStream`).
+        max_image_pixels: unlabeled files above this many pixels are refused from their header
+            (an error for ``unlabeled_files``, skipped and counted for a manifest).
     """
 
     def __init__(
@@ -390,6 +390,7 @@ class DaliTrainStream:
         world_size: int = 1,
         channels: int = 3,
         num_threads: int = 2,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         reason = dali_unavailable_reason()
         if reason is not None:
@@ -439,9 +440,26 @@ class DaliTrainStream:
             if files is not None and len(files) < unlabeled_bs:
                 raise ValueError(f"{len(files)} unlabeled files cannot fill one batch of {unlabeled_bs}")
             src = _EncodedSource(unlabeled_bs, files, unlabeled_manifest, seed, rank, world_size,
+                                 max_pixels=max_image_pixels,
                                  img_size=self._img_size, seed=seed + 1, aug=aug)
             self._unl = _Runner("encoded", src, channels=c, **build)
         self.unlabeled_manifest = unlabeled_manifest
+
+    def set_identity(self, labeled: Mapping[str, Any] | None = None, unlabeled: Mapping[str, Any] | None = None,
+                     *, resume_changed_data: bool | None = None) -> None:
+        """Content fingerprints of the labeled / unlabeled lists (`TwoStreamSampler.set_identity`):
+        the cache sampler's, and the unlabeled file list's sampler when files are decoded by DALI
+        (a manifest fingerprints itself)."""
+        self.sampler.set_identity(labeled, None if self._unl is not None else unlabeled,
+                                  resume_changed_data=resume_changed_data)
+        src = self._unl.source if self._unl is not None else None
+        if isinstance(src, _EncodedSource) and src.sampler is not None:
+            src.sampler.set_identity(unlabeled, resume_changed_data=resume_changed_data)
+
+    @property
+    def skipped_files(self) -> int:
+        """Manifest files skipped so far (0 without a manifest)."""
+        return 0 if self.unlabeled_manifest is None else self.unlabeled_manifest.skipped_files
 
     # ------------------------------------------------------------------ properties
     @property

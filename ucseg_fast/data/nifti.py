@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .guards import check_file, fingerprint_lines
 from .ssl4mis import DataError, resize_nearest
 
 __all__ = ["NiftiDataset", "read_nifti", "resolve_intensity", "NIFTI_SUFFIXES", "INTENSITY_MODES"]
@@ -79,12 +80,14 @@ def _extra_channel(path: Path) -> bool:
             stem = stem[: -len(suf)]
             break
     if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000":
-        return any((path.parent / f"{stem[:-5]}_0000{s}").is_file() for s in NIFTI_SUFFIXES)
+        return any(os.path.lexists(path.parent / f"{stem[:-5]}_0000{s}") for s in NIFTI_SUFFIXES)
     return False
 
 
 def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+    # by name: a broken entry (dangling symlink, folder named x.nii.gz) is listed and then reported
+    # by `read_nifti` as what it is, instead of the case silently missing
+    return path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
 
 
 def read_nifti(path: str | os.PathLike[str], *, as_stored: bool = False
@@ -95,8 +98,7 @@ def read_nifti(path: str | os.PathLike[str], *, as_stored: bool = False
     import nibabel as nib
 
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"NIfTI file not found: {p}")
+    check_file(p, "NIfTI file")
     try:
         img = nib.load(str(p))
         arr = np.asanyarray(img.dataobj)
@@ -174,7 +176,7 @@ class NiftiDataset:
             case = _case_name(p)
             lab = None
             for cand in (lab_dir / p.name, *(lab_dir / f"{case}{s}" for s in NIFTI_SUFFIXES)):
-                if cand.is_file():
+                if os.path.lexists(cand):  # a broken label file is reported when read, not dropped
                     lab = cand
                     break
             out.append((p, lab))
@@ -302,6 +304,13 @@ class NiftiDataset:
         """Training cache: axial slices resized with OpenCV's nearest rule (the reference's first
         transform): images float32 ``[N, H, W]``, labels uint8 ``[N, H, W]`` (0 on unlabeled
         slices), and the labeled slice count (labeled slices first). 2D datasets only."""
+        images, labels, n_l, _ = self.load_slices_named(labeled_cases, size)
+        return images, labels, n_l
+
+    def load_slices_named(self, labeled_cases: int, size: tuple[int, int]
+                          ) -> tuple[torch.Tensor, torch.Tensor, int, list[str]]:
+        """`load_slices` plus one name per slice, ``<image file name>:<z>`` (the resume
+        fingerprint's lines: `fingerprint`)."""
         if self.dims != 2:
             raise ValueError("load_slices cuts axial slices: build the dataset with dims=2")
         labeled, unlabeled = self.labeled_split(labeled_cases)
@@ -311,19 +320,28 @@ class NiftiDataset:
         h, w = int(size[0]), int(size[1])
         imgs: list[np.ndarray] = []
         labs: list[np.ndarray] = []
+        names: list[str] = []
         for img, lab in labeled:
             vol, y, _ = self.read_pair(img, lab)
             imgs.append(resize_nearest(vol, (h, w)))
             labs.append(resize_nearest(y, (h, w)))
+            names += [f"{img.name}:{z}" for z in range(vol.shape[0])]
         n_l = sum(a.shape[0] for a in imgs)
         for img in unlabeled:
             vol, _ = self.read_image(img)
             r = resize_nearest(vol, (h, w))
             imgs.append(r)
             labs.append(np.zeros(r.shape, np.uint8))
+            names += [f"{img.name}:{z}" for z in range(vol.shape[0])]
         images = torch.from_numpy(np.ascontiguousarray(np.concatenate(imgs), dtype=np.float32))
         labels = torch.from_numpy(np.ascontiguousarray(np.concatenate(labs)))
-        return images, labels, n_l
+        return images, labels, n_l, names
+
+    def fingerprint(self, names: list[str], part: str) -> dict:
+        """Content fingerprint of slice / case ``names`` (`guards.fingerprint_lines`), named after
+        the training folder and ``part`` (``"labeled"`` / ``"unlabeled"``)."""
+        where = str(self.root / "imagesTr") if self.root is not None else "NIfTI lists"
+        return fingerprint_lines(names, f"{where} ({part} {'cases' if self.dims == 3 else 'slices'})")
 
     def __repr__(self) -> str:
         return (f"NiftiDataset(root={str(self.root) if self.root else None!r}, "

@@ -7,6 +7,14 @@ permutations of the unlabeled indices, and that chain restarts (its leftover is 
 every epoch. Random draws happen in the same order as there: the labeled permutation at the
 start of the epoch, unlabeled permutations lazily when the chain runs dry.
 
+Resume identity: `set_identity` gives the sampler a content fingerprint of the lists its labeled
+and unlabeled indices stand for (slice names, file names: `guards.fingerprint_lines`); `state_dict`
+stores it and `load_state_dict` refuses a state taken on other content (a reordered
+``train_slices.list`` of the same length included) with a `DataError` naming the list, unless
+``resume_changed_data``: then it continues on the new lists from the saved epoch and position
+(clamped to the new epoch length), with a logged warning. States without a fingerprint (older
+checkpoints, bare samplers) are checked by their counts, as before.
+
 Differences from the reference (deliberate): the permutations come from a private
 ``numpy.random.Generator(PCG64)`` instead of the global numpy RNG (so nothing else in the
 process shifts the sequence), and the sampler is an infinite iterator over epochs (the trainer
@@ -15,14 +23,19 @@ stops at ``max_iterations``; the reference overshoots to the end of the last epo
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from .guards import check_same_content, content_changed
+
 __all__ = ["TwoStreamSampler"]
 
 _STATE_VERSION = 1
+_PARTS = ("labeled", "unlabeled")
+log = logging.getLogger(__name__)
 
 
 class TwoStreamSampler:
@@ -81,9 +94,28 @@ class TwoStreamSampler:
             else np.random.SeedSequence(self.seed, spawn_key=(self.rank,))
         )
         self._rng = np.random.Generator(np.random.PCG64(ss))
+        self._identity: dict[str, dict[str, Any]] = {}
+        self.resume_changed_data = False
         self._epoch = 0
         self._position = 0  # batches already drawn in the current epoch
         self._start_epoch()
+
+    # ------------------------------------------------------------------ identity
+    def set_identity(self, labeled: Mapping[str, Any] | None = None, unlabeled: Mapping[str, Any] | None = None,
+                     *, resume_changed_data: bool | None = None) -> None:
+        """Content fingerprints (`guards.fingerprint_lines`) of the lists the labeled / unlabeled
+        indices stand for, stored in `state_dict` and checked by `load_state_dict`; None leaves
+        that part unchecked. ``resume_changed_data`` (``data.resume_changed_data``): continue on
+        changed content instead of refusing it."""
+        for part, fp in (("labeled", labeled), ("unlabeled", unlabeled)):
+            if fp is not None:
+                self._identity[part] = {k: fp[k] for k in ("source", "lines", "sha256")}
+        if resume_changed_data is not None:
+            self.resume_changed_data = bool(resume_changed_data)
+
+    @property
+    def identity(self) -> dict[str, dict[str, Any]]:
+        return copy.deepcopy(self._identity)
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -138,7 +170,7 @@ class TwoStreamSampler:
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: generator state at the epoch start + batches drawn since."""
-        return {
+        state = {
             "version": _STATE_VERSION,
             "seed": self.seed,
             "rank": self.rank,
@@ -151,20 +183,34 @@ class TwoStreamSampler:
             "position": self._position,
             "epoch_rng_state": copy.deepcopy(self._epoch_rng_state),
         }
+        if self._identity:
+            state["content"] = copy.deepcopy(self._identity)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state_dict` was taken (replays the current epoch's draws)."""
+        """Continue exactly where `state_dict` was taken (replays the current epoch's draws).
+
+        Refuses (`DataError`, one line naming the list) a state whose content fingerprint differs
+        from this sampler's, unless ``resume_changed_data``; then the epoch's permutation is
+        redrawn over the new lists from the saved generator state and the saved position is
+        clamped to the new epoch length. Without fingerprints on both sides: counts checked."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"sampler state version {state.get('version')!r} != {_STATE_VERSION}")
-        for key, mine in (
-            ("n_labeled", len(self._labeled)),
-            ("n_unlabeled", len(self._unlabeled)),
-            ("labeled_bs", self.labeled_bs),
-            ("unlabeled_bs", self.unlabeled_bs),
-        ):
+        saved = state.get("content") or {}
+        changed = [p for p in _PARTS if content_changed(saved.get(p), self._identity.get(p))]
+        where = f"the saved position (epoch {int(state['epoch'])}, batch {int(state['position'])})"
+        for part in changed:  # raises unless resume_changed_data (then logs a warning)
+            check_same_content(saved[part], self._identity[part], resume_changed_data=self.resume_changed_data,
+                               position=where)
+        checks = [("labeled_bs", self.labeled_bs), ("unlabeled_bs", self.unlabeled_bs)]
+        if not changed:
+            checks = [("n_labeled", len(self._labeled)), ("n_unlabeled", len(self._unlabeled)), *checks]
+        for key, mine in checks:
             if int(state[key]) != mine:
                 raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {mine}")
         position = int(state["position"])
+        if changed:
+            position = min(max(position, 0), self.epoch_length)
         if not 0 <= position <= self.epoch_length:
             raise ValueError(f"sampler state position {position} outside [0, {self.epoch_length}]")
         self._rng.bit_generator.state = copy.deepcopy(state["epoch_rng_state"])

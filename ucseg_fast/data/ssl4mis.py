@@ -21,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .guards import DataError, DataPathError, check_file
+
 __all__ = [
     "LABELED_SLICES",
     "DataError",
+    "DataPathError",
     "SSL4MISDataset",
     "cv2_nearest_indices",
     "labeled_slice_count",
@@ -40,10 +43,6 @@ LABELED_SLICES: dict[int, int] = {
 }
 
 _SPLITS = ("val", "test")
-
-
-class DataError(ValueError):
-    """A data file exists but its content is wrong (corrupt, missing key, bad shape or value)."""
 
 
 def labeled_slice_count(patients: int) -> int:
@@ -106,7 +105,8 @@ def resize_nearest(array_HW: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return array_HW  # albumentations' resize returns the input unchanged
     rows = cv2_nearest_indices(h, size[0])
     cols = cv2_nearest_indices(w, size[1])
-    return array_HW[..., rows[:, None], cols[None, :]]
+    # two 1-D takes: the same pixels as array[..., rows[:, None], cols[None, :]], ~3x faster
+    return np.take(np.take(array_HW, rows, axis=-2), cols, axis=-1)
 
 
 def _clean_name(line: str) -> str:
@@ -122,8 +122,7 @@ def read_h5_pair(path: Path, ndim: int, num_classes: int | None) -> tuple[np.nda
     non-finite image, non-integer labels, a label outside ``[0, num_classes)``."""
     import h5py  # lazy: the rest of the data package (sampler, augmentation) runs without it
 
-    if not path.is_file():
-        raise FileNotFoundError(f"HDF5 file not found: {path}")
+    check_file(path, "HDF5 file")
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:
@@ -185,21 +184,18 @@ class SSL4MISDataset:
         self._lists: dict[str, list[str]] = {}
         if check_files:
             for split in ("train_slices", *_SPLITS):
-                if (self.root / f"{split}.list").is_file():
+                if os.path.lexists(self.root / f"{split}.list"):
                     for name in self._list(split):
-                        path = self._path(split, name)
-                        if not path.is_file():
-                            raise FileNotFoundError(
-                                f"{path} (listed in {self.root / f'{split}.list'}) does not exist"
-                            )
+                        check_file(self._path(split, name), "HDF5 file", listed_in=self.root / f"{split}.list")
 
     # ------------------------------------------------------------------ lists and paths
     def _list(self, split: str) -> list[str]:
         if split not in self._lists:
             path = self.root / f"{split}.list"
-            if not path.is_file():
+            if not os.path.lexists(path):
                 hint = " (the shared ACDC subset ships no test split)" if split == "test" else ""
                 raise FileNotFoundError(f"split list not found: {path}{hint}")
+            check_file(path, "split list")
             names = [_clean_name(line) for line in path.read_text().splitlines()]
             self._lists[split] = [n for n in names if n]
             if not self._lists[split]:

@@ -20,6 +20,7 @@ import torch
 
 from .augment import augment_2d
 from .batch import Batch
+from .guards import fingerprint_lines
 from .sampler import TwoStreamSampler
 from .ssl4mis import SSL4MISDataset
 
@@ -48,7 +49,14 @@ class TrainStream:
         img_size: ``(H, W)`` of the cache and of every batch.
         rank, world_size: data-parallel replica (independent streams per rank, see `TwoStreamSampler`).
         channels: gray is repeated to this many channels (3 in the reference).
+
+    Resume identity: built from a dataset, the state carries a fingerprint of the labeled and
+    unlabeled lines of ``train_slices.list`` (`set_identity`; `TwoStreamSampler`). Nothing is
+    skipped here: `skipped_files` is 0.
     """
+
+    #: files skipped so far (the trainer logs ``getattr(stream, "skipped_files", 0)``)
+    skipped_files: int = 0
 
     def __init__(
         self,
@@ -73,6 +81,9 @@ class TrainStream:
             images_NHW, labels_NHW, n_labeled=n_labeled, labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs,
             seed=seed, device=device, augment=augment, rank=rank, world_size=world_size, channels=channels,
         )
+        src = str(dataset.root / "train_slices.list")
+        self.set_identity(fingerprint_lines(names[:n_labeled], f"{src} (labeled lines)"),
+                          fingerprint_lines(names[n_labeled:], f"{src} (unlabeled lines)"))
 
     @classmethod
     def from_tensors(
@@ -128,6 +139,12 @@ class TrainStream:
         )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(_torch_seed(seed, rank))
+
+    def set_identity(self, labeled: Mapping[str, Any] | None = None, unlabeled: Mapping[str, Any] | None = None,
+                     *, resume_changed_data: bool | None = None) -> None:
+        """Content fingerprints of the labeled / unlabeled lists, kept in the state and checked on
+        resume (`TwoStreamSampler.set_identity`)."""
+        self.sampler.set_identity(labeled, unlabeled, resume_changed_data=resume_changed_data)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -27,6 +27,7 @@ import torch
 
 from .augment3d import RotFlipCrop, draw_rot_flip_crop
 from .batch import Batch
+from .guards import fingerprint_lines
 from .sampler import TwoStreamSampler
 from .volumes import VolumeDataset
 
@@ -60,7 +61,13 @@ class VolumeStream:
         channels: gray is repeated to this many channels (1 in the reference).
         rot_flip: apply ``RandomRotFlip`` before the crop (False: crop only).
         cache_device: where the volume cache lives and the crop is cut (default: the CPU).
+
+    Resume identity: built from a dataset, the state carries a fingerprint of the labeled and
+    unlabeled lines of ``train.list`` (`set_identity`). Nothing is skipped: `skipped_files` is 0.
     """
+
+    #: files skipped so far (the trainer logs ``getattr(stream, "skipped_files", 0)``)
+    skipped_files: int = 0
 
     def __init__(
         self,
@@ -86,6 +93,9 @@ class VolumeStream:
         self._setup(images, labels, n_labeled=n_labeled, labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs,
                     seed=seed, device=device, patch_size=patch_size, rank=rank, world_size=world_size,
                     channels=channels, rot_flip=rot_flip, cache_device=cache_device)
+        src = str(dataset.root / "train.list")
+        self.set_identity(fingerprint_lines(names[:n_labeled], f"{src} (labeled lines)"),
+                          fingerprint_lines(names[n_labeled:], f"{src} (unlabeled lines)"))
 
     @classmethod
     def from_arrays(
@@ -158,6 +168,12 @@ class VolumeStream:
         self.rng = _numpy_rng(seed, rank)
         # Staging batches in page-locked memory when the crop is cut on the host for a GPU.
         self._pin = self.cache_device.type == "cpu" and self.device.type == "cuda"
+
+    def set_identity(self, labeled: Mapping[str, Any] | None = None, unlabeled: Mapping[str, Any] | None = None,
+                     *, resume_changed_data: bool | None = None) -> None:
+        """Content fingerprints of the labeled / unlabeled case lists, kept in the state and
+        checked on resume (`TwoStreamSampler.set_identity`)."""
+        self.sampler.set_identity(labeled, unlabeled, resume_changed_data=resume_changed_data)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .guards import check_file
 from .ssl4mis import DataError, read_h5_pair
 
 __all__ = ["VolumeDataset", "VolumeNotFoundError"]
@@ -65,8 +66,9 @@ class VolumeDataset:
             raise ValueError(f"split must be a plain list name such as 'train' or 'test', got {split!r}")
         if split not in self._lists:
             path = self.root / f"{split}.list"
-            if not path.is_file():
+            if not os.path.lexists(path):
                 raise FileNotFoundError(f"split list not found: {path}")
+            check_file(path, "split list")
             names = [line.strip() for line in path.read_text().splitlines()]
             names = [n for n in names if n]
             if not names:
@@ -80,10 +82,13 @@ class VolumeDataset:
         return self.volumes("train")
 
     def path(self, name: str) -> Path:
-        """The file of case ``name``: the first existing of the known layouts (module docstring)."""
+        """The file of case ``name``: the first existing of the known layouts (module docstring). A
+        candidate that exists but is broken (a directory, a dangling symlink, a loop) is reported
+        as such (`guards.check_file`), not skipped."""
         candidates = _layouts(self.root, name.strip())
         for path in candidates:
-            if path.is_file():
+            if os.path.lexists(path):
+                check_file(path, f"HDF5 file of case {name.strip()!r}")
                 return path
         tried = "\n  ".join(str(p) for p in candidates)
         raise VolumeNotFoundError(f"no HDF5 file for case {name!r} under {self.root}; tried:\n  {tried}")
