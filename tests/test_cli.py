@@ -118,3 +118,14 @@ def test_train_image_folder_with_each_backend(synthetic, tmp_path, backend):
         res = json.loads((tmp_path / "ev" / "metrics.json").read_text())
         assert set(res) == {"dice", "jaccard", "images"} and len(res["images"]) > 0
         assert max(r["iteration"] for r in recs if "val_dice" in r) == 3
+
+
+def test_help_documents_overwrite_and_the_predict_input_rules(capsys):
+    for cmd in (["train", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit):
+            main(cmd)
+        assert "--overwrite" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "cast to float32" in text and "bool, complex" in text and "4-D NIfTI" in text

@@ -138,3 +138,75 @@ def test_apply_overrides_to_a_loaded_config():
         apply_overrides(base, ["model.upg_head='nope'"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
         apply_overrides(base, ["upg_head=fused"])
+
+
+def test_every_preset_and_the_defaults_validate():
+    for preset in sorted((REPO / "configs").glob("*.toml")):
+        load_config(preset)
+    load_config(None)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--train.base_lr=0", "train.base_lr = 0.0 must be > 0"),
+    ("--train.base_lr=-1", "train.base_lr = -1.0 must be > 0"),
+    ("--train.base_lr=inf", "train.base_lr = inf must be a finite number"),
+    ("--train.momentum=1", r"train.momentum = 1.0 must be in \[0, 1\)"),
+    ("--train.momentum=-0.5", "train.momentum = -0.5"),
+    ("--train.weight_decay=-1e-5", "train.weight_decay = -1e-05 must be >= 0"),
+    ("--train.weight_decay=nan", "train.weight_decay = nan must be a finite number"),
+    ("--model.patch_size=0", "model.patch_size = 0 must be >= 1"),
+    ("--model.patch_size=-16", "model.patch_size = -16 must be >= 1"),
+    ("--loss.queue_size=0", "loss.queue_size = 0 must be >= data.labeled_bs"),
+    ("--loss.queue_size=23", r"loss.queue_size = 23 must be >= data.labeled_bs \+ "
+                             r"data.unlabeled_bs = 24"),
+    ("--loss.contrast_temperature=0", "loss.contrast_temperature = 0.0 must be > 0"),
+    ("--loss.contrast_temperature=-0.3", "loss.contrast_temperature = -0.3"),
+    ("--loss.gate_span=nan", "loss.gate_span = nan must be a finite number"),
+    ("--loss.gate_base=-inf", "loss.gate_base = -inf must be a finite number"),
+    ("--loss.consistency=inf", "loss.consistency = inf"),
+    ("--data.rotate_limit=nan", "data.rotate_limit = nan"),
+    ("--model.unet_dropout=[0.05,0.1,nan,0.3,0.5]", r"model.unet_dropout\[2\] = nan"),
+    ("--loss.rampup_epoch_len=0", "loss.rampup_epoch_len = 0 must be >= 1"),
+    ("--loss.consistency_rampup=-1", "loss.consistency_rampup = -1.0 must be >= 0"),
+    ("--train.max_val_volumes=-1", "train.max_val_volumes = -1 must be >= 0"),
+    ("--train.val_batch_size=0", "train.val_batch_size = 0 must be >= 1"),
+    ("--train.graph_warmup=0", "train.graph_warmup = 0 must be >= 1"),
+    ("--data.max_image_pixels=0", "data.max_image_pixels = 0 must be >= 1"),
+    ("--data.decode_workers=-1", "data.decode_workers = -1 must be >= 0"),
+    ("--data.labeled_bs=0", "data.labeled_bs = 0 must be >= 1"),
+    ("--train.max_iterations=0", "train.max_iterations = 0 must be >= 1"),
+    ("--data.num_classes=1", "data.num_classes = 1 must be >= 2"),
+])
+def test_numbers_out_of_range_name_key_and_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_copy_paste_needs_equal_batch_sizes():
+    with pytest.raises(ConfigError, match=r"data.labeled_bs = 12 != data.unlabeled_bs = 8: "
+                                          r"phase-2 copy-paste .* pairs labeled image i with "
+                                          r"unlabeled image i"):
+        load_config(None, ["--data.unlabeled_bs=8"])
+    # no copy-paste in the run: unequal batches are fine
+    cfg = load_config(None, ["--data.unlabeled_bs=8", "--loss.phase2_start=50000"])
+    assert (cfg.data.labeled_bs, cfg.data.unlabeled_bs) == (12, 8)
+    with pytest.raises(ConfigError, match="phase2_start = 299 < train.max_iterations = 300"):
+        load_config(REPO / "configs" / "demo.toml", ["--data.unlabeled_bs=2",
+                                                     "--loss.phase2_start=299"])
+
+
+def test_the_validation_split_each_format_has():
+    with pytest.raises(ConfigError, match="data.val_split = 'test'; an image folder"):
+        load_config(None, ["--data.format=folder", "--data.val_split=test"])
+    with pytest.raises(ConfigError, match="data.val_split = 'test'; a NIfTI set"):
+        load_config(None, ["--data.format=nifti", "--data.val_split=test"])
+    with pytest.raises(ConfigError, match="data.val_split = 'train'; 2D SSL4MIS"):
+        load_config(None, ["--data.val_split=train"])
+    assert load_config(None, ["--data.val_split=test"]).data.val_split == "test"
+
+
+def test_a_saved_config_is_validated_too():
+    data = Config().to_dict()
+    data["train"]["base_lr"] = -0.01
+    with pytest.raises(ConfigError, match=r"ck.json \(saved config\): train.base_lr = -0.01"):
+        config_from_dict(data, source="ck.json (saved config)")

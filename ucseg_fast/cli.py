@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import sys
 import time
 from pathlib import Path
+
+from .errors import InputError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,18 +19,29 @@ def _config(args, extra: list[str]):
     overrides = [a for a in extra if a.startswith("--") and "=" in a]
     unknown = [a for a in extra if a not in overrides]
     if unknown:
-        raise SystemExit(f"error: unrecognised arguments {unknown}; config overrides look like "
+        raise InputError(f"unrecognised arguments {unknown}; config overrides look like "
                          "--train.max_iterations=300")
     return load_config(args.config, overrides)
 
 
+def _positive(value: int, option: str, minimum: int = 1) -> None:
+    if value < minimum:
+        raise InputError(f"{option} = {value} must be >= {minimum}")
+
+
 # ------------------------------------------------------------------------------------------
 def cmd_train(args, extra) -> int:
-    from .train import Trainer
+    from .preflight import preflight
     cfg = _config(args, extra)
-    trainer = Trainer(cfg)
+    if args.stop_at is not None:
+        _positive(args.stop_at, "--stop-at")
+    # device, output folder, data root and list files, labeled patients, resume sidecar:
+    # before any data is loaded or model built
+    preflight(cfg, resume=args.resume)
+    from .train import Trainer
+    trainer = Trainer(cfg, overwrite=args.overwrite)
     if args.resume:
-        trainer.load(args.resume)
+        _resume(trainer, args.resume)
         print(f"resumed from {args.resume} at iteration {trainer.iteration}")
     try:
         summary = trainer.train(stop_at=args.stop_at)
@@ -40,11 +54,30 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
-def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str):
+def _resume(trainer, path: str) -> None:
+    """`Trainer.load` with the data layer's refusals as user errors: a ValueError or KeyError
+    there means the checkpoint's saved state does not fit this run (e.g. a list file that
+    gained or lost lines since the checkpoint, so the sampler state has other counts)."""
+    try:
+        trainer.load(path)
+    except (ValueError, KeyError) as e:
+        if user_error_line(e) is not None:  # DataError, ConfigError: already one clear line
+            raise
+        what = f"missing entry {e}" if isinstance(e, KeyError) else str(e)
+        raise InputError(f"--resume {path}: the checkpoint does not fit this run's data or "
+                         f"model ({what}); resume with the data and config it was saved "
+                         "with") from e
+
+
+def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str,
+                        device_option: str = "--device"):
     import torch
     from .config import ConfigError, config_from_dict, load_config
+    from .preflight import check_device, check_sidecar
     from .train.checkpoint import load_checkpoint
-    from .train.trainer import build_model, load_model_state, resolve_device
+    from .train.trainer import build_model, load_model_state
+    check_sidecar(checkpoint)  # missing / not a sidecar / lacking a key: one line, before loading
+    device = check_device(device_name, key=device_option)
     tensors, meta = load_checkpoint(checkpoint)
     cfg = config_from_dict(meta["config"], source=f"{checkpoint} (saved config)")
     if overrides:  # e.g. --data.root=/data/ACDC to evaluate on another copy of the data
@@ -55,7 +88,6 @@ def _load_for_inference(checkpoint: str, overrides: list[str], device_name: str)
             raise ConfigError(f"only --data.root=... can be overridden here, not {bad}: the "
                               "rest of the configuration comes from the checkpoint")
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=ov.data.root))
-    device = resolve_device(device_name)
     model = build_model(cfg, device)
     load_model_state(model, tensors, checkpoint)
     model.to(device).eval()
@@ -92,7 +124,24 @@ def cmd_eval(args, extra) -> int:
     from .eval.protocol import evaluate, evaluation_items, is_3d, open_dataset
     from .eval.report import (format_image_table, format_table, save_overlay_figure, write_csv,
                               write_image_reports, write_json)
+    from .preflight import check_output_folder, check_output_path
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_volumes, "--max-volumes", 0)
+    # every output location is checked before the (possibly long) evaluation
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
+    check_output_folder(out, key="--out")
+    if args.save_predictions:
+        check_output_folder(args.save_predictions, key="--save-predictions")
+    if args.figure:
+        check_output_path(args.figure, key="--figure")
     cfg, meta, device, predict = _load_for_inference(args.checkpoint, extra, args.device)
+    if args.figure and cfg.data.format == "folder":
+        raise InputError("--figure draws slices of volumes; image folders have none")
+    if cfg.data.format in ("folder", "nifti") and args.split != "val":
+        kind = "an image folder" if cfg.data.format == "folder" else "a NIfTI set"
+        raise InputError(f"--split {args.split}: the checkpoint was trained on {kind} "
+                         f"(data.format = {cfg.data.format!r}), which has one held-out split: "
+                         "--split val")
     if device.type == "cuda":  # exact HD95/ASD on the GPU instead of scipy on the CPU
         from .eval import surface_gpu
         surface_gpu.install()
@@ -102,7 +151,6 @@ def cmd_eval(args, extra) -> int:
     print(f"checkpoint {args.checkpoint} (iteration {meta['iteration']}), split {args.split}, "
           f"{len(items)} {'images' if cfg.data.format == 'folder' else 'volumes'}, data "
           f"{cfg.data.root}, metrics mode {args.mode}")
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
     if isinstance(res, ImageEvaluation):
         print(format_image_table(res))
         js, cs = write_image_reports(out, res)
@@ -112,35 +160,151 @@ def cmd_eval(args, extra) -> int:
         js, cs = write_json(out / "metrics.json", res), write_csv(out / "metrics.csv", res)
     print(f"wrote {js} and {cs}")
     if args.figure:
-        if cfg.data.format == "folder":
-            raise SystemExit("error: --figure draws slices of volumes; image folders have none")
         name, img, lab = items[0][:3]
         pred = _predict_array(cfg, predict, img, args.batch_size, device)
         if is_3d(cfg):  # [X, Y, Z] volumes: the figure shows axial slices (the last axis)
             img, lab, pred = (np.moveaxis(np.asarray(v), -1, 0) for v in (img, lab, pred.cpu()))
+        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         save_overlay_figure(args.figure, img, lab, pred)
         print(f"wrote {args.figure} ({name})")
     return 0
 
 
+# ------------------------------------------------------------------------------------------
+# predict's input: read and checked before the model runs
+_NIFTI = (".nii", ".nii.gz")
+_DTYPE_HINTS = {
+    "b": "a boolean array is a mask, not an image",
+    "c": "take the magnitude (np.abs) or the real part first",
+    "U": "a string array is not an image",
+    "S": "a byte-string array is not an image",
+    "O": "an array of Python objects is not an image",
+    "V": "a structured or RGB array is not a single-channel image",
+    "M": "a date array is not an image",
+    "m": "a time-delta array is not an image",
+}
+
+
+def check_image_array(src: Path, arr, *, three_d: bool):
+    """`predict`'s image rules, before the model runs: a real floating or integer dtype (ints
+    are cast to float32), a 2D slice [H, W] or a 3D volume (the 3D model: [X, Y, Z] only), no
+    empty axis, every value finite. Returns the float32 array; `InputError` names the file and
+    what is wrong."""
+    import numpy as np
+    arr = np.asarray(arr)
+    kind = arr.dtype.kind
+    if kind not in "fiu":
+        hint = _DTYPE_HINTS.get(kind, "predict reads real floating or integer images")
+        raise InputError(f"{src}: image dtype {arr.dtype} is not a real number type ({hint}); "
+                         "predict reads floating or integer images")
+    ranks = "a 3D volume [X, Y, Z]" if three_d else "a 2D slice [H, W] or a 3D volume [D, H, W]"
+    if arr.ndim != 3 and (three_d or arr.ndim != 2):
+        extra = ""
+        if arr.ndim == 4:
+            extra = (f"; take one channel / time point first, e.g. numpy a[..., 0] or a[0] "
+                     f"(whichever axis of {arr.shape} is the channel)")
+        raise InputError(f"{src}: expected {ranks} for this "
+                         f"{'3D' if three_d else '2D'} model, got shape {arr.shape}{extra}")
+    if arr.size == 0:
+        raise InputError(f"{src}: empty image of shape {arr.shape}")
+    img = arr.astype(np.float32, copy=False)
+    bad = int(arr.size - np.count_nonzero(np.isfinite(img)))
+    if bad:
+        nan = int(np.count_nonzero(np.isnan(img)))
+        which = (f"all {arr.size} values are NaN" if nan == arr.size else
+                 f"{bad} of {arr.size} values are NaN or infinite ({nan} NaN, {bad - nan} "
+                 f"infinite{' after the cast to float32' if kind == 'f' and arr.dtype.itemsize > 4 else ''})")
+        raise InputError(f"{src}: {which}; predict needs finite intensities")
+    return img
+
+
+def _read_npy(src: Path):
+    import numpy as np
+    try:
+        return np.load(src, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+            raise InputError(f"{src}: image dtype object (an array of Python objects) is not an "
+                             "image; predict reads floating or integer images") from None
+        raise InputError(f"{src}: not a readable .npy array ({e})") from None
+    except (OSError, EOFError) as e:
+        raise InputError(f"{src}: not a readable .npy array ({type(e).__name__}: {e})") from None
+
+
+def _read_h5(src: Path):
+    import h5py
+    import numpy as np
+    try:
+        f = h5py.File(src, "r")
+    except OSError as e:
+        raise InputError(f"{src}: not a readable HDF5 file ({e})") from None
+    with f:
+        node = f.get("image")
+        if not isinstance(node, h5py.Dataset):
+            raise InputError(f"{src} has no dataset 'image' (found: {sorted(f.keys())})")
+        try:
+            return np.asarray(node[()])
+        except (OSError, ValueError, TypeError) as e:
+            raise InputError(f"{src}: cannot read dataset 'image' ({e})") from None
+
+
+def _open_nifti(src: Path):
+    """The nibabel image of `src`, after the checks its header allows: gzip magic of
+    `.nii.gz`, a readable header, a 3D volume (or 4D with one frame), a real number dtype."""
+    import numpy as np
+    if src.name.endswith(".nii.gz"):
+        with open(src, "rb") as f:
+            magic = f.read(2)
+        if magic != b"\x1f\x8b":
+            raise InputError(f"{src}: named .nii.gz but not gzip-compressed (if it is an "
+                             "uncompressed NIfTI, name it .nii)")
+    import nibabel as nib
+    try:
+        nii = nib.load(str(src))
+        shape, dtype = tuple(nii.shape), np.dtype(nii.get_data_dtype())
+    except Exception as e:  # nibabel raises several types (ImageFileError, EOFError, zlib ...)
+        raise InputError(f"{src}: unreadable NIfTI file ({type(e).__name__}: {e})") from None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        hint = ""
+        if len(shape) == 4:
+            hint = (f"; {shape[3]} channels / time points: extract one volume first, e.g. "
+                    f"`fslroi {src.name} frame0.nii.gz 0 1` or, in Python, nib.save(nib.Nifti1Image("
+                    f"img.dataobj[..., 0], img.affine), 'frame0.nii.gz')")
+        raise InputError(f"{src}: expected a 3D NIfTI volume (x, y, z), got shape "
+                         f"{tuple(nii.shape)}{hint}")
+    if dtype.kind not in "fiu":
+        hint = _DTYPE_HINTS.get(dtype.kind, "")
+        raise InputError(f"{src}: NIfTI data type {dtype} is not a real number type"
+                         f"{f' ({hint})' if hint else ''}; predict reads floating or integer images")
+    return nii
+
+
 def read_input(cfg, src: Path):
     """`predict`'s input as the model reads it: (image, spacing or None, nibabel image or None).
-    `.h5` (dataset `image`) and `.npy` as stored; NIfTI as [Z, Y, X] axial slices for the 2D
-    models and [X, Y, Z] for the 3D one, scaled like the training data when the model was
-    trained on NIfTI (`data.intensity`)."""
+    `.h5` (dataset `image`) and `.npy` as stored (integer images cast to float32); NIfTI as
+    [Z, Y, X] axial slices for the 2D models and [X, Y, Z] for the 3D one, scaled like the
+    training data when the model was trained on NIfTI (`data.intensity`). Every problem of the
+    file -- format, dtype (bool, complex, string, object), rank, NaN / inf -- is an
+    `InputError` naming it, raised before any inference (`check_image_array`)."""
     import numpy as np
     from .eval.protocol import is_3d
     three_d = is_3d(cfg)
     spacing, nii = None, None
+    src = Path(src)
     if src.suffix in (".h5", ".hdf5"):
-        import h5py
-        with h5py.File(src, "r") as f:
-            if "image" not in f:
-                raise SystemExit(f"error: {src} has no dataset 'image'")
-            img = np.asarray(f["image"], dtype=np.float32)
-    elif src.name.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-        nii = nib.load(str(src))
+        img = check_image_array(src, _read_h5(src), three_d=three_d)
+    elif src.name.endswith(_NIFTI):
+        nii = _open_nifti(src)
+        try:
+            raw = np.asarray(nii.get_fdata(), dtype=np.float64)
+        except Exception as e:  # a truncated or corrupt data block
+            raise InputError(f"{src}: unreadable NIfTI data ({type(e).__name__}: {e})") from None
+        if raw.ndim == 4:  # [X, Y, Z, 1]: one frame (_open_nifti refused the others)
+            raw = raw[..., 0]
+        img = check_image_array(src, raw, three_d=True)  # [X, Y, Z] float32, finite
+        del raw
         if cfg.data.format == "nifti":  # the intensity scaling the model was trained with
             from .data.nifti import NiftiDataset, resolve_intensity
             dims = 3 if three_d else 2
@@ -148,14 +312,13 @@ def read_input(cfg, src: Path):
                                   normalize=resolve_intensity(cfg.data.intensity, dims))
             img, spacing = reader.read_image(src)  # [X, Y, Z] (3D) / [Z, Y, X] (2D)
         else:
-            img = np.asarray(nii.get_fdata(), dtype=np.float32)
             spacing = tuple(float(s) for s in nii.header.get_zooms()[:3])
             if not three_d:  # NIfTI is [X, Y, Z]; the 2D network works on axial slices [Z, Y, X]
                 img, spacing = img.transpose(2, 1, 0), spacing[::-1]
     elif src.suffix == ".npy":
-        img = np.load(src).astype(np.float32)
+        img = check_image_array(src, _read_npy(src), three_d=three_d)
     else:
-        raise SystemExit(f"error: {src}: unsupported input (use .h5 with 'image', .nii[.gz] or .npy)")
+        raise InputError(f"{src}: unsupported input (use .h5 with 'image', .nii[.gz] or .npy)")
     return img, spacing, nii
 
 
@@ -163,25 +326,28 @@ def cmd_predict(args, extra) -> int:
     import numpy as np
     from .eval.inference import save_nifti
     from .eval.protocol import is_3d
+    from .preflight import check_output_path, path_problem
+    out = Path(args.output)
+    check_output_path(out, key="--output")  # first: never find an unwritable output after inference
+    if not out.name.endswith((".npy", *_NIFTI)):
+        raise InputError(f"--output {out}: name a .nii.gz, .nii or .npy file")
+    _positive(args.batch_size, "--batch-size")
+    src = Path(args.input)
+    why = path_problem(src, "file")
+    if why is not None:
+        raise InputError(f"--input {src} {why}")
     cfg, meta, device, predict = _load_for_inference(args.checkpoint, extra, args.device)
     three_d = is_3d(cfg)
-    src = Path(args.input)
-    if not src.is_file():
-        raise SystemExit(f"error: input not found: {src}")
-    img, spacing, nii = read_input(cfg, src)
-    if three_d and img.ndim != 3:
-        raise SystemExit(f"error: {src}: the 3D model needs a volume [X, Y, Z], got shape {img.shape}")
+    img, spacing, nii = read_input(cfg, src)  # dtype, rank, finiteness: checked here
     if img.ndim == 2:
         img = img[None]
-    if img.ndim != 3:
-        raise SystemExit(f"error: {src}: expected a 2D slice or a 3D volume, got shape {img.shape}")
     pred = _predict_array(cfg, predict, img, args.batch_size, device).cpu().numpy()
-    out = Path(args.output)
-    if out.name.endswith((".nii", ".nii.gz")) and nii is not None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.name.endswith(_NIFTI) and nii is not None:
         import nibabel as nib  # same grid and orientation as the input volume
         grid = pred if three_d else pred.transpose(2, 1, 0)
         nib.save(nib.Nifti1Image(grid.astype(np.uint8), nii.affine), str(out))
-    elif out.name.endswith((".nii", ".nii.gz")):
+    elif out.name.endswith(_NIFTI):
         save_nifti(out, pred, spacing)
     else:
         np.save(out, pred.astype(np.uint8))
@@ -203,7 +369,7 @@ def cmd_prepare(args, extra) -> int:
     if args.what in ("npy", "export"):
         from .data.folders import export_folder, ssl4mis_to_npy
         if not args.src:
-            raise SystemExit(f"error: prepare {args.what} needs --src <SSL4MIS folder>")
+            raise InputError(f"prepare {args.what} needs --src <SSL4MIS folder>")
         if args.what == "npy":
             n = ssl4mis_to_npy(args.src, args.out)
             print(f"wrote {n} .npy pairs (image float32, label uint8) to {args.out}")
@@ -211,7 +377,7 @@ def cmd_prepare(args, extra) -> int:
             counts = export_folder(args.src, args.out, fmt=args.format, labeled_patients=args.labeled_patients)
             print(f"wrote {args.format.upper()} folder {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         return 0
-    raise SystemExit(f"error: unknown prepare target {args.what!r}")
+    raise InputError(f"unknown prepare target {args.what!r}")
 
 
 def cmd_bench(args, extra) -> int:
@@ -223,19 +389,24 @@ def cmd_bench(args, extra) -> int:
         args.minutes = 10.0
     if args.out is None:
         args.out = f"benchmarks/results/{'curves' if args.what == 'curves' else 'e2e'}"
+    from .preflight import check_device
     if args.what == "e2e":
         from .train.bench import bench_e2e
         cfg = _config(args, extra)
+        check_device(cfg.train.device, amp=cfg.train.amp)
         res = bench_e2e(cfg, minutes=args.minutes, out_dir=args.out, val_every=args.val_every)
         print(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=1))
         print(f"wrote {Path(args.out) / 'dice_vs_time.json'} and "
               f"{Path(args.out) / 'dice_vs_time.png'}")
         return 0
     if args.what == "curves":
-        return _bench_curves(args, _config(args, extra))
+        cfg = _config(args, extra)
+        check_device(cfg.train.device, amp=cfg.train.amp)
+        return _bench_curves(args, cfg)
     if extra:
-        raise SystemExit(f"error: unrecognised arguments {extra} (config overrides are for "
+        raise InputError(f"unrecognised arguments {extra} (config overrides are for "
                          "'bench e2e' and 'bench curves')")
+    check_device(args.device, key="--device")
     from .train.bench import bench_step
     res = bench_step(steps=args.steps or 20, warmup=args.warmup, phase2=args.phase2, device=args.device,
                      labeled_bs=args.batch or (2 if args.dims == 3 else 12),
@@ -265,10 +436,10 @@ def _bench_ledger(args, extra) -> int:
     uses_triton = (cfg.model.upg_head == "fused" or cfg.model.uncertainty == "fused"
                    or cfg.loss.fused_losses is True or cfg.loss.nms)
     if uses_triton and HAS_TRITON and not interpret_mode():
-        raise SystemExit("error: bench ledger runs the Triton kernels in the interpreter: set "
+        raise InputError("bench ledger runs the Triton kernels in the interpreter: set "
                          "TRITON_INTERPRET=1 before the package is imported")
     if args.card not in CARDS:
-        raise SystemExit(f"error: --card {args.card!r}; known: {', '.join(CARDS)}")
+        raise InputError(f"--card {args.card!r}; known: {', '.join(CARDS)}")
     try:
         led = step_ledger(cfg, card=args.card, sizes=not args.no_sizes, stream=args.stream)
     except HostSyncError as e:
@@ -285,9 +456,9 @@ def _bench_ledger(args, extra) -> int:
 def _bench_report(args, extra) -> int:
     """`bench report`: the whole engine on this card, report.md + report.json in --out."""
     if extra:
-        raise SystemExit(f"error: unrecognised arguments {extra} for 'bench report'")
+        raise InputError(f"unrecognised arguments {extra} for 'bench report'")
     if not args.out:
-        raise SystemExit("error: bench report needs --out DIR")
+        raise InputError("bench report needs --out DIR")
     from .bench.report import main_report
     return main_report(args.out, data=args.data, minutes=8.0 if args.minutes is None
                        else args.minutes, smoke=args.smoke)
@@ -298,15 +469,15 @@ def _bench_curves(args, cfg) -> int:
     against the PyTorch modules, with the bf16-vs-fp32 noise floor of the latter)."""
     from .train.curves import (UPG_VARIANTS, format_comparison, loss_curves, parse_variant,
                                write_curves)
-    from .train.trainer import resolve_device
+    from .preflight import check_device
     try:
         variants = dict(parse_variant(v) for v in args.variant)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise InputError(f"{e}") from None
     noise = args.noise
     if not variants:
         variants = dict(UPG_VARIANTS)
-        if cfg.train.amp == "none" or resolve_device(cfg.train.device).type != "cuda":
+        if cfg.train.amp == "none" or check_device(cfg.train.device).type != "cuda":
             variants.pop("oracle_fp32")  # no autocast here: the fp32 run would be the oracle
         elif noise is None:
             noise = "oracle_fp32"
@@ -340,16 +511,28 @@ def cmd_demo(args, extra) -> int:
         if not (root / "train_slices.list").exists():
             write_synthetic_acdc(root, n_train_patients=14, seed=0)
         which = f"synthetic cardiac-like data at {root} (no real ACDC found at {real})"
-    cfg = load_config(REPO / "configs" / "demo.toml", [f"--data.root='{root}'", *extra])
-    print(f"demo: training {cfg.name} on {which}")
+    preset = REPO / "configs" / "demo.toml"
+    cfg = load_config(preset, [f"--data.root='{root}'", *extra])
+    # the preset's runs/demo is the demo's own folder: a second `make demo` replaces the first
+    # run there; another train.out_dir is only cleared with --overwrite
+    out = Path(cfg.train.out_dir)
+    own = out == Path(load_config(preset).train.out_dir)
+    overwrite = args.overwrite or own
+    from .preflight import preflight
+    preflight(cfg)
+    held = any((out / n).is_file() for n in ("metrics.jsonl", "last.json", "best.json"))
+    note = f"; output {out}"
+    if held and overwrite:
+        note += " (replaces the previous demo run there)" if own else " (--overwrite: replaces the run there)"
+    print(f"demo: training {cfg.name} on {which}{note}")
     t0 = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=overwrite)
     summary = trainer.train()
     print(f"demo: {summary['iterations']} iterations in {time.perf_counter() - t0:.0f} s; "
           f"best validation Dice {summary['best_val_dice']:.4f} at iteration "
           f"{summary['best_iteration']}")
-    cfg_, meta, device, predict = _load_for_inference(str(Path(cfg.train.out_dir) / "best.json"),
-                                                      [], cfg.train.device)
+    cfg_, meta, device, predict = _load_for_inference(str(out / "best.json"), [],
+                                                      cfg.train.device, "train.device")
     vols = evaluation_items(cfg_, open_dataset(cfg_), "val")
     res = evaluate(cfg_, predict, vols, device=device, batch_size=cfg.train.val_batch_size)
     print(f"demo: best checkpoint (iteration {meta['iteration']}) on {len(vols)} validation volumes "
@@ -374,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at", type=int, metavar="N",
                    help="stop after iteration N (saving 'last'); schedules still follow "
                         "train.max_iterations, so --resume continues the same run")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in a folder that holds a run (its files are removed)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on val or test volumes")
@@ -390,10 +575,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--figure", metavar="PNG", help="write an image/GT/prediction overlay figure")
     e.set_defaults(fn=cmd_eval)
 
-    r = sub.add_parser("predict", help="segment one volume (.h5 / .nii.gz / .npy)")
+    r = sub.add_parser("predict", help="segment one volume (.h5 / .nii.gz / .npy)",
+                       description="Segment one image: a 2D slice [H, W] or a 3D volume (.h5 "
+                                   "dataset 'image', .npy, .nii / .nii.gz; the 3D model takes "
+                                   "volumes only). Real floating or integer images; integer "
+                                   "images are cast to float32. Refused before the model runs, "
+                                   "naming the file: bool, complex, string and object arrays, "
+                                   "NaN or infinite values, other ranks (e.g. a 4-D NIfTI: "
+                                   "extract one volume first), and an --output folder that "
+                                   "cannot be created or written.")
     r.add_argument("--checkpoint", required=True)
-    r.add_argument("--input", required=True)
-    r.add_argument("--output", required=True, help=".nii.gz or .npy")
+    r.add_argument("--input", required=True,
+                   help=".h5 (dataset 'image'), .npy or .nii[.gz]; float or integer values "
+                        "(integers cast to float32), all finite")
+    r.add_argument("--output", required=True,
+                   help=".nii.gz / .nii or .npy (its folder is created if missing)")
     r.add_argument("--device", default="auto")
     r.add_argument("--batch-size", type=int, default=16)
     r.set_defaults(fn=cmd_predict)
@@ -488,23 +684,61 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--img", type=int, default=None, help="image side (default 256 in 2D, 96 in 3D)")
     b.set_defaults(fn=cmd_bench)
 
-    d = sub.add_parser("demo", help="small CPU-friendly training run + per-class Dice table")
+    d = sub.add_parser("demo", help="small CPU-friendly training run + per-class Dice table",
+                       description="Train configs/demo.toml (on the shared ACDC subset, else "
+                                   "synthetic data) into runs/demo, replacing the previous demo "
+                                   "run there, then evaluate its best checkpoint.")
+    d.add_argument("--overwrite", action="store_true",
+                   help="start over in a folder that holds a run (its files are removed); "
+                        "the demo's own runs/demo is always replaced")
     d.set_defaults(fn=cmd_demo)
     return p
 
 
+#: OSError numbers that are the user's environment, not a bug: a full disk, a read-only file
+#: system, an exhausted quota
+_USER_ERRNOS = (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def user_error_line(e: BaseException) -> str | None:
+    """The one line `main` prints for a user error, or None when `e` is a bug (which keeps its
+    traceback). User errors: `UserError`, `ConfigError`, `CheckpointError` (`RunFolderError`),
+    `DataError`, the OSErrors of a path (not found, not a folder, a folder, permission) and of
+    the disk (full, read-only, quota)."""
+    from .config import ConfigError
+    from .data.ssl4mis import DataError
+    from .train.checkpoint import CheckpointError
+    if isinstance(e, (UserError, ConfigError, CheckpointError, DataError)):
+        text = str(e)
+    elif isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                        PermissionError)) or (isinstance(e, OSError) and e.errno in _USER_ERRNOS):
+        if e.filename is not None and e.strerror:  # an OS call's error: name the file
+            text = f"{e.filename}: {e.strerror}"
+            if e.filename2 is not None:
+                text += f" ({e.filename2})"
+        else:  # raised with a message of ours
+            text = str(e)
+    else:
+        return None
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return "; ".join(lines) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI. A user error -- a config key or value, a file, a folder, a device, a full or
+    read-only disk -- prints one line, `error: <message>` naming the file, key or value, and
+    returns 2; anything else is a bug and raises with its traceback."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "demo", "eval", "predict", "bench"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    from .config import ConfigError
-    from .data.ssl4mis import DataError
-    from .train.checkpoint import CheckpointError
     try:
         return args.fn(args, extra)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        line = user_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
 
 

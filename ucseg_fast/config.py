@@ -7,6 +7,7 @@ file and the key, so a typo never silently trains the wrong thing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -255,8 +256,75 @@ def _build(data: dict[str, Any], source: str) -> Config:
     return cfg
 
 
+def _float_keys(cfg: Config):
+    """(`section.key`, value) of every float (and tuple-of-float) key, in declaration order."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        hints = _section_types(type(section))
+        for f in dataclasses.fields(section):
+            tp, v = hints[f.name], getattr(section, f.name)
+            if tp is float:
+                yield f"{sec.name}.{f.name}", v
+            elif typing.get_origin(tp) is tuple and float in typing.get_args(tp):
+                for i, x in enumerate(v):
+                    yield f"{sec.name}.{f.name}[{i}]", x
+
+
+def _validate_numbers(cfg: Config, source: str) -> None:
+    """Ranges of the numbers (every message names the key and the value)."""
+    d, t, lo, m = cfg.data, cfg.train, cfg.loss, cfg.model
+    for key, v in _float_keys(cfg):  # TOML has inf and nan literals; no key means either
+        if not math.isfinite(v):
+            raise ConfigError(f"{source}: {key} = {v!r} must be a finite number")
+    if not t.base_lr > 0:
+        raise ConfigError(f"{source}: train.base_lr = {t.base_lr!r} must be > 0")
+    if not 0.0 <= t.momentum < 1.0:
+        raise ConfigError(f"{source}: train.momentum = {t.momentum!r} must be in [0, 1)")
+    if not t.weight_decay >= 0:
+        raise ConfigError(f"{source}: train.weight_decay = {t.weight_decay!r} must be >= 0")
+    if m.patch_size < 1:
+        raise ConfigError(f"{source}: model.patch_size = {m.patch_size} must be >= 1")
+    if lo.rampup_epoch_len < 1:
+        raise ConfigError(f"{source}: loss.rampup_epoch_len = {lo.rampup_epoch_len} must be >= 1")
+    if lo.consistency_rampup < 0:
+        raise ConfigError(f"{source}: loss.consistency_rampup = {lo.consistency_rampup!r} must "
+                          f"be >= 0 (0 = no ramp-up)")
+    if lo.contrast_temperature <= 0:
+        raise ConfigError(f"{source}: loss.contrast_temperature = {lo.contrast_temperature!r} "
+                          f"must be > 0 (the CCP logits are divided by it)")
+    for k in ("labeled_bs", "unlabeled_bs"):
+        if getattr(d, k) < 1:
+            raise ConfigError(f"{source}: data.{k} = {getattr(d, k)} must be >= 1")
+    batch = d.labeled_bs + d.unlabeled_bs
+    if lo.queue_size < batch:
+        raise ConfigError(f"{source}: loss.queue_size = {lo.queue_size} must be >= data.labeled_bs "
+                          f"+ data.unlabeled_bs = {batch}: each CCP queue update writes one "
+                          f"column per image of the batch")
+    if d.labeled_bs != d.unlabeled_bs and lo.phase2_start < t.max_iterations:
+        raise ConfigError(f"{source}: data.labeled_bs = {d.labeled_bs} != data.unlabeled_bs = "
+                          f"{d.unlabeled_bs}: phase-2 copy-paste (from loss.phase2_start = "
+                          f"{lo.phase2_start} < train.max_iterations = {t.max_iterations}) pairs "
+                          f"labeled image i with unlabeled image i, so the two batch sizes must "
+                          f"be equal (or set loss.phase2_start >= train.max_iterations: no "
+                          f"copy-paste)")
+    if t.max_val_volumes < 0:
+        raise ConfigError(f"{source}: train.max_val_volumes = {t.max_val_volumes} must be >= 0 "
+                          f"(0 = every validation volume)")
+    for k in ("val_batch_size", "graph_warmup"):
+        if getattr(t, k) < 1:
+            raise ConfigError(f"{source}: train.{k} = {getattr(t, k)} must be >= 1")
+    if d.max_image_pixels < 1:
+        raise ConfigError(f"{source}: data.max_image_pixels = {d.max_image_pixels} must be >= 1")
+    if d.decode_workers < 0:
+        raise ConfigError(f"{source}: data.decode_workers = {d.decode_workers} must be >= 0 "
+                          f"(0 = decode in the training thread)")
+
+
 def _validate(cfg: Config, source: str) -> None:
     d, t, lo = cfg.data, cfg.train, cfg.loss
+    _validate_numbers(cfg, source)
     if len(d.img_size) not in (2, 3):
         raise ConfigError(f"{source}: data.img_size {list(d.img_size)} must have 2 values (2D) "
                           f"or 3 values (3D)")
@@ -265,7 +333,8 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: data.labeled_patients = {d.labeled_patients}; the SSL4MIS "
                           f"ACDC split defines {_ALLOWED_LABELED}")
     if d.labeled_patients < 1:
-        raise ConfigError(f"{source}: data.labeled_patients must be >= 1")
+        raise ConfigError(f"{source}: data.labeled_patients must be >= 1, got "
+                          f"{d.labeled_patients}")
     if d.intensity != "auto" and d.format != "nifti":
         raise ConfigError(f"{source}: data.intensity = {d.intensity!r} scales NIfTI volumes only "
                           f"(data.format = 'nifti'); data.format = {d.format!r} keeps 'auto'")
@@ -274,10 +343,6 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: 3D training (data.img_size {list(d.img_size)}) reads "
                               f"SSL4MIS / UA-MT HDF5 or NIfTI volumes: data.format must be "
                               f"'ssl4mis' or 'nifti', got {d.format!r}")
-        if d.format == "nifti" and d.val_split != "val":
-            raise ConfigError(f"{source}: data.val_split = {d.val_split!r}; a NIfTI set has one "
-                              f"held-out split, 'val' (imagesVal/ + labelsVal/, else imagesTs/ + "
-                              f"labelsTs/): set data.val_split = 'val'")
         if d.backend not in ("torch", "dali"):  # both build the 3D stream (VolumeStream / DaliVolumeStream)
             raise ConfigError(f"{source}: 3D training has the 'torch' and 'dali' data backends; "
                               f"data.backend = {d.backend!r}")
@@ -289,25 +354,36 @@ def _validate(cfg: Config, source: str) -> None:
                               f"(data.num_classes = 2, loss.supervision = 'sigmoid'); got "
                               f"num_classes = {d.num_classes}, supervision = {lo.supervision!r}")
     if d.eval_stride_xy < 1 or d.eval_stride_z < 1:
-        raise ConfigError(f"{source}: data.eval_stride_xy and data.eval_stride_z must be >= 1")
+        raise ConfigError(f"{source}: data.eval_stride_xy = {d.eval_stride_xy} and "
+                          f"data.eval_stride_z = {d.eval_stride_z} must be >= 1")
     if not d.val_split or "/" in d.val_split:
         raise ConfigError(f"{source}: data.val_split = {d.val_split!r} must name a list file "
                           f"(<root>/<val_split>.list)")
+    if d.format == "nifti" and d.val_split != "val":
+        raise ConfigError(f"{source}: data.val_split = {d.val_split!r}; a NIfTI set has one "
+                          f"held-out split, 'val' (imagesVal/ + labelsVal/, else imagesTs/ + "
+                          f"labelsTs/): set data.val_split = 'val'")
+    if d.format == "folder" and d.val_split != "val":
+        raise ConfigError(f"{source}: data.val_split = {d.val_split!r}; an image folder has one "
+                          f"held-out split, 'val' (<root>/val/image + mask): set "
+                          f"data.val_split = 'val'")
+    if d.format == "ssl4mis" and not three_d and d.val_split not in ("val", "test"):
+        raise ConfigError(f"{source}: data.val_split = {d.val_split!r}; 2D SSL4MIS validation "
+                          f"reads the volumes of val.list or test.list: 'val' or 'test'")
     if d.num_classes < 2:
-        raise ConfigError(f"{source}: data.num_classes must be >= 2")
-    if d.labeled_bs < 1 or d.unlabeled_bs < 1:
-        raise ConfigError(f"{source}: data.labeled_bs and data.unlabeled_bs must be >= 1")
+        raise ConfigError(f"{source}: data.num_classes = {d.num_classes} must be >= 2")
     for n in d.img_size:
         if n % 16 or n % cfg.model.patch_size:
             raise ConfigError(f"{source}: data.img_size {d.img_size} must be divisible by 16 "
                               f"and by model.patch_size {cfg.model.patch_size}")
     if t.max_iterations < 1:
-        raise ConfigError(f"{source}: train.max_iterations must be >= 1")
+        raise ConfigError(f"{source}: train.max_iterations = {t.max_iterations} must be >= 1")
     for k in ("log_every", "val_every", "checkpoint_every"):
         if getattr(t, k) < 1:
-            raise ConfigError(f"{source}: train.{k} must be >= 1")
+            raise ConfigError(f"{source}: train.{k} = {getattr(t, k)} must be >= 1")
     if not 0.0 < lo.confidence_threshold <= 1.0:
-        raise ConfigError(f"{source}: loss.confidence_threshold must be in (0, 1]")
+        raise ConfigError(f"{source}: loss.confidence_threshold = {lo.confidence_threshold!r} "
+                          f"must be in (0, 1]")
 
 
 def _merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:

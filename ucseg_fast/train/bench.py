@@ -154,7 +154,11 @@ def bench_e2e(cfg, *, minutes: float, out_dir: str | Path, val_every: int | None
     `val_every` iterations; write `dice_vs_time.json` and `dice_vs_time.png` into `out_dir`.
 
     The budget counts step time only (validation and checkpoints are excluded, see
-    `Trainer.train(time_budget_s=)`), so the curve is Dice against training seconds."""
+    `Trainer.train(time_budget_s=)`), so the curve is Dice against training seconds.
+
+    A benchmark run: `out_dir` is its output, so the training run in `out_dir/run` replaces
+    whatever an earlier `bench e2e` left there (`Trainer(overwrite=True)`); the folder is
+    still locked for the run (two benchmarks on one folder refuse each other)."""
     import dataclasses
     import json
     from .trainer import Trainer
@@ -167,7 +171,7 @@ def bench_e2e(cfg, *, minutes: float, out_dir: str | Path, val_every: int | None
     tc = dataclasses.replace(tc, out_dir=str(out / "run"),
                              log_every=min(tc.log_every, tc.val_every))
     cfg = dataclasses.replace(cfg, train=tc)
-    trainer = Trainer(cfg, log=log)
+    trainer = Trainer(cfg, log=log, overwrite=True)  # the folder is this benchmark's output
     summary = trainer.train(time_budget_s=60.0 * minutes)
     curve = [{"iteration": r["iteration"], "train_s": r.get("train_s", 0.0),
               "val_dice": r["val_dice"]} for r in summary["history"]]

@@ -52,11 +52,15 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def run_curve(cfg: Config, steps: int) -> dict[str, Any]:
-    """Train `cfg` for `steps` iterations (no validation, no checkpoints); per-step terms."""
+    """Train `cfg` for `steps` iterations (no validation, no checkpoints); per-step terms.
+
+    A benchmark run: it writes nothing into `train.out_dir` (the steps run outside
+    `Trainer.train`) and its results are `loss_curves`' output, so its Trainer is created with
+    `overwrite=True`: an earlier run in that folder never stops it."""
     from .trainer import Trainer
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    tr = Trainer(cfg, log=lambda s: None)
+    tr = Trainer(cfg, log=lambda s: None, overwrite=True)
     recs: list[dict[str, torch.Tensor]] = []
     sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
     sync()

@@ -9,10 +9,19 @@ protocol on the `val.list` volumes (Dice, classes 1..C-1) and keeps `best` (on v
 and `last`. Under torchrun the model is DDP-wrapped (see `train.distributed`): per-rank data and
 CCP queues, terms all-reduced at log time, validation / log on rank 0; checkpoints gather
 every rank's rank-local state to rank 0, which writes one pair (exact multi-process resume).
+
+Run safety (`train`): the output folder is locked for the run (`RunLock`, one writer per
+folder); a fresh run refuses a folder that holds a run (`RunFolderError`) unless
+`overwrite=True` (then that run's files are removed first); orphans of interrupted saves are
+removed at the start; a resumed run first cuts `metrics.jsonl` back to the checkpoint. A
+non-finite loss (seen in the log window's sums, no per-step read) or non-finite weights
+(checked before every validation and save) stop the run with `NonFiniteError`: no checkpoint
+is ever written from non-finite weights.
 """
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import warnings
@@ -27,7 +36,9 @@ from ..config import Config, config_from_dict, diff_configs
 from ..data.factory import build_train_stream
 from ..eval.protocol import evaluate, evaluation_items, mean_dice, open_dataset
 from ..models import build_ucseg_2d, build_ucseg_3d
-from .checkpoint import CheckpointError, join_state, load_checkpoint, save_checkpoint, split_state
+from .checkpoint import (LOG_NAME, CheckpointError, RunFolderError, RunLock, atomic_write_text,
+                         join_state, load_checkpoint, remove_orphans, remove_run, resolve,
+                         run_in_folder, save_checkpoint, split_state, truncate_log)
 from .objective import UCSegObjective
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_flag,
                           gather_to_main, init_from_env)
@@ -45,6 +56,18 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+#: data keys that do not change what is trained: a resume may change them
+RESUME_FREE_KEYS = ("data.decode_workers", "data.max_image_pixels", "data.resume_changed_data")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the weights became non-finite (NaN / inf); the run stopped without saving."""
+
+
+def _fmt_value(v: float) -> str:
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -52,9 +75,15 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, log: Callable[[str], None] = print):
+    """`overwrite`: a fresh `train()` may replace a run that `train.out_dir` already holds
+    (its log, config and checkpoints are deleted first); without it such a folder is refused
+    (`RunFolderError`). A resumed run (`load`) always continues in its folder."""
+
+    def __init__(self, cfg: Config, *, log: Callable[[str], None] = print,
+                 overwrite: bool = False):
         self.cfg = cfg
         self.log = log
+        self.overwrite = overwrite
         tc, dc = cfg.train, cfg.data
         self.device = resolve_device(tc.device)
         self.dist: DistInfo = init_from_env(self.device.type)
@@ -94,6 +123,10 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.out_dir = Path(tc.out_dir)
         self._val_volumes = None
+        self._resumed_from: Path | None = None   # the checkpoint `load` restored
+        self._cut_log_at: int | None = None      # pending: cut metrics.jsonl back (resume)
+        # (path, iteration) of the newest checkpoint known finite: written by this run or loaded
+        self._last_checkpoint: tuple[str, int] | None = None
 
     def autocast(self):
         return self.core.autocast()
@@ -118,10 +151,19 @@ class Trainer:
             raise ValueError("train(time_budget_s=...) is single-process only (ranks would "
                              "stop at different iterations)")
         main = self.dist.is_main
-        log_path = self.out_dir / "metrics.jsonl"
-        if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        log_path = self.out_dir / LOG_NAME
+        fresh = self.iteration == 0 and not self.history and self._resumed_from is None
+        lock = self._open_run_folder(fresh)  # collective under DDP; rank 0 holds the lock
+        try:
+            return self._train(T, stop, fresh, log_path, time_budget_s)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self, T: int, stop: int, fresh: bool, log_path: Path,
+               time_budget_s: float | None) -> dict[str, Any]:
+        tc = self.cfg.train
+        main = self.dist.is_main
         acc: dict[str, torch.Tensor] = {}
         n_key: dict[str, int] = {}
         n_acc = 0
@@ -139,11 +181,12 @@ class Trainer:
                      f"uncertainty {m.uncertainty}, UPG head {m.upg_head}, fused losses "
                      f"{lo.fused_losses}; world size {self.dist.world_size}) from iteration "
                      f"{self.iteration} to {T}; data {self.cfg.data.root}; output {self.out_dir}")
-        if self.iteration == 0 and not self.history and main:
+        if fresh and main:
             log_path.write_text("")  # a fresh run starts a fresh log (a resumed one appends)
             # the untrained model's score: the baseline every later validation is compared to
             start = self.validate()
-            rec0 = {"iteration": 0, "val_dice": start, "train_s": 0.0}
+            rec0 = {"iteration": 0, "val_dice": start, "train_s": 0.0,
+                    "skipped_files": self.skipped_files()}
             self.history.append(rec0)
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec0) + "\n")
@@ -183,10 +226,17 @@ class Trainer:
                                                (self.cfg.data.labeled_bs +
                                                 self.cfg.data.unlabeled_bs) * self.dist.world_size,
                                                win_s, data_wait, gpu.window()),
-                           **dict(zip(keys, vals))}
+                           **dict(zip(keys, vals)), "skipped_files": self.skipped_files()}
+                    bad = _first_nonfinite(keys, vals)
+                    if bad is not None:  # the row says so (null values), then the run stops
+                        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                               for k, v in rec.items()}
+                        rec["nonfinite"] = bad[0]
                     if main:
                         with open(log_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
+                    if bad is not None:
+                        raise NonFiniteError(self._loss_message(it_last, bad))
                     if bar is not None:
                         post = {"loss": f"{rec['L']:.3f}", "img/s": f"{rec['img_per_s']:.1f}",
                                 "ms": f"{rec['step_ms']:.1f}"}
@@ -202,10 +252,21 @@ class Trainer:
                     if self.device.type == "cuda":  # sync-ok: before validation / saving anyway
                         torch.cuda.synchronize(self.device)
                 t_book = time.perf_counter()
+                if val_now or self.iteration % tc.checkpoint_every == 0 or halt:
+                    # nothing is validated or saved unchecked: the steps since the last log row
+                    # (their window sums) and the weights must be finite
+                    if n_acc:
+                        keys, means = window_means(acc, n_key)
+                        vals = all_reduce_mean(means, self.dist).tolist()  # sync-ok: save time
+                        bad = _first_nonfinite(keys, vals)
+                        if bad is not None:
+                            raise NonFiniteError(self._loss_message(it_last, bad))
+                    self.check_finite("validation" if val_now else "saving last")
                 if main and val_now:
                     dice = self.validate()
                     rec = {"iteration": self.iteration, "val_dice": dice,
-                           "train_s": train_s + t_book - t_last}
+                           "train_s": train_s + t_book - t_last,
+                           "skipped_files": self.skipped_files()}
                     self.history.append(rec)
                     with open(log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
@@ -216,9 +277,9 @@ class Trainer:
                              f"(best {self.best_dice:.4f} at {self.best_iteration})")
                 # saves are collective: every rank's rank-local state goes into the checkpoint
                 if val_now and broadcast_flag(improved, self.dist, self.device):
-                    self.save("best")
+                    self.save("best", check=False)  # checked above, before validation
                 if self.iteration % tc.checkpoint_every == 0 or halt:
-                    self.save("last")
+                    self.save("last", check=False)
                 if val_now or self.iteration % tc.checkpoint_every == 0:
                     # keep validation / saving out of step_ms and train_s: credit the steps
                     # since the last log up to the start of this bookkeeping, then restart
@@ -233,7 +294,108 @@ class Trainer:
                 bar.close()
         return {"iterations": self.iteration, "best_val_dice": self.best_dice,
                 "best_iteration": self.best_iteration, "history": self.history,
-                "out_dir": str(self.out_dir), "train_s": train_s}
+                "out_dir": str(self.out_dir), "train_s": train_s,
+                "skipped_files": self.skipped_files()}
+
+    # ----------------------------------------------------------------------------------
+    def skipped_files(self) -> int:
+        """Files the data stream skipped (unreadable / oversized manifest entries)."""
+        return int(getattr(self.stream, "skipped_files", 0) or 0)
+
+    def _open_run_folder(self, fresh: bool) -> RunLock | None:
+        """Rank 0: take the folder's lock and prepare the folder (`_prepare_folder`); every
+        rank learns whether that worked (collective under DDP). Returns the held lock."""
+        err: BaseException | None = None
+        lock = None
+        if self.dist.is_main:
+            try:
+                lock = RunLock(self.out_dir)
+                warning = lock.acquire()
+                if warning:
+                    self.log(warning)
+                try:
+                    self._prepare_folder(fresh)
+                except BaseException:
+                    lock.release()
+                    raise
+            except Exception as e:  # re-raised below, once the other ranks know
+                err = e
+        if self.dist.enabled and not broadcast_flag(err is None, self.dist, self.device) \
+                and err is None:
+            raise RunFolderError(f"{self.out_dir}: rank 0 could not start the run in this "
+                                 "folder (its error says why)")
+        if err is not None:
+            raise err
+        return lock
+
+    def _prepare_folder(self, fresh: bool) -> None:
+        """With the lock held: refuse (or, overwrite, clear) a used folder for a fresh run,
+        remove orphans of interrupted saves, cut the log back on resume, write config.json."""
+        d = self.out_dir
+        if fresh:
+            found = run_in_folder(d)
+            if found and not self.overwrite:
+                sidecar = next((n for n in ("last.json", *found) if n.endswith(".json")
+                                and (d / n).is_file()), "last.json")
+                raise RunFolderError(
+                    f"{d} already holds a run ({', '.join(found[:4])}"
+                    f"{', ...' if len(found) > 4 else ''}): resume it with --resume "
+                    f"{d / sidecar}, or start over with --overwrite (deletes that run)")
+            if found:
+                removed = remove_run(d)
+                self.log(f"overwrite: removed the previous run in {d} ({len(removed)} files)")
+        elif self.overwrite:
+            self.log(f"overwrite ignored: resuming the run in {d} at iteration {self.iteration}")
+        orphans = remove_orphans(d)
+        if orphans:
+            self.log(f"{d}: removed {len(orphans)} orphaned file(s) of interrupted saves "
+                     f"({', '.join(orphans[:3])}{', ...' if len(orphans) > 3 else ''})")
+        if self._cut_log_at is not None:
+            cut = truncate_log(d / LOG_NAME, self._cut_log_at)
+            if cut:
+                self.log(f"{d / LOG_NAME}: removed {cut} row(s) written after iteration "
+                         f"{self._cut_log_at}, the checkpoint this run resumes from")
+            self._cut_log_at = None
+        atomic_write_text(d / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
+
+    def _last_finite(self) -> str:
+        if self._last_checkpoint is None:
+            return "no checkpoint of this run was saved"
+        path, it = self._last_checkpoint
+        return f"last finite checkpoint {path} (iteration {it})"
+
+    def _loss_message(self, it_last: int, bad: tuple[str, float]) -> str:
+        name, v = bad
+        return (f"non-finite loss in iterations {it_last + 1}-{self.iteration} "
+                f"({name} = {_fmt_value(v)}); stopped without saving; {self._last_finite()}")
+
+    def nonfinite_state(self) -> str | None:
+        """The first non-finite parameter / buffer of the model or the objective (CCP queues),
+        as "name = value", or None when all are finite. One `_foreach_norm` (max |x|) over all
+        floating tensors and one host read: checkpoint time only. Collective under DDP (the
+        verdict is every rank's)."""
+        named = [(f"model.{k}", t) for k, t in self.model.named_parameters()]
+        named += [(f"model.{k}", t) for k, t in self.model.named_buffers()]
+        named += [(f"objective.{k}", t) for k, t in self.objective.named_buffers()]
+        named = [(k, t.detach()) for k, t in named if t.is_floating_point() and t.numel()]
+        if not named:
+            return None
+        maxabs = torch._foreach_norm([t for _, t in named], float("inf"), dtype=torch.float32)
+        bad = (~torch.stack(maxabs).isfinite()).any().float().reshape(1)
+        if float(all_reduce_mean(bad, self.dist)) == 0.0:  # sync-ok: checkpoint time
+            return None
+        for (k, _), m in zip(named, maxabs):
+            v = float(m)  # sync-ok: failure path only
+            if not math.isfinite(v):
+                return f"{k} = {_fmt_value(v)}"
+        return "on another rank"
+
+    def check_finite(self, before: str) -> None:
+        """NonFiniteError unless the weights (and CCP queues) are all finite."""
+        what = self.nonfinite_state()
+        if what is not None:
+            raise NonFiniteError(f"non-finite weights at iteration {self.iteration} ({what}); "
+                                 f"stopped before {before}, nothing saved; {self._last_finite()}")
 
     # ----------------------------------------------------------------------------------
     def val_volumes(self):
@@ -308,14 +470,18 @@ class Trainer:
                 "torch_version": torch.__version__}
         return tensors, meta
 
-    def save(self, tag: str) -> Path:
+    def save(self, tag: str, *, check: bool = True) -> Path:
         """Write `<out_dir>/<tag>` (atomic pair, rank 0 writes). Collective under DDP: every
-        rank calls it and returns once the pair is complete on disk."""
+        rank calls it and returns once the pair is complete on disk. Non-finite weights are
+        never saved: `NonFiniteError` (`check=False`: the caller has just checked)."""
+        if check:
+            self.check_finite(f"saving {tag}")
         state = self.state_tensors()
         path = self.out_dir / f"{tag}.json"
         if state is not None:
             path = save_checkpoint(self.out_dir, tag, *state)
         barrier(self.dist)
+        self._last_checkpoint = (str(path), self.iteration)
         return path
 
     def load(self, path: str | Path, *, strict_config: bool = True) -> None:
@@ -327,6 +493,7 @@ class Trainer:
             saved, self.cfg, sections=("train",),
             keys=("max_iterations", "base_lr", "momentum", "weight_decay", "seed", "optimizer",
                   "amp", "channels_last"))
+        diffs = [d for d in diffs if d.split(":", 1)[0] not in RESUME_FREE_KEYS]
         if diffs and strict_config:
             raise CheckpointError(f"{path}: checkpoint was trained with a different config: "
                                   + "; ".join(diffs))
@@ -363,6 +530,11 @@ class Trainer:
         self.best_dice = float(meta["best_val_dice"])
         self.best_iteration = int(meta["best_iteration"])
         self.history = list(meta["history"])
+        # train() (holding the folder's lock) cuts metrics.jsonl back to this iteration: rows a
+        # killed run wrote after this checkpoint would otherwise appear twice
+        self._resumed_from = resolve(path)
+        self._cut_log_at = self.iteration
+        self._last_checkpoint = (str(self._resumed_from), self.iteration)
 
 
 class StepCore:
@@ -538,6 +710,15 @@ def accumulate_terms(acc: dict, terms, n_key: dict | None = None) -> None:
         acc[k] = acc[k] + v.float() if k in acc else v.float().clone()
         if n_key is not None:
             n_key[k] = n_key.get(k, 0) + 1  # phase-2 terms exist only in phase 2
+
+
+def _first_nonfinite(keys: list[str], vals: list[float]) -> tuple[str, float] | None:
+    """(name, value) of the first non-finite window mean, the total loss L first."""
+    order = sorted(range(len(keys)), key=lambda i: keys[i] != "L")
+    for i in order:
+        if not math.isfinite(vals[i]):
+            return keys[i], vals[i]
+    return None
 
 
 def window_means(acc: dict, n_key: dict) -> tuple[list[str], torch.Tensor]:
