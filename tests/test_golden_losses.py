@@ -198,6 +198,12 @@ def test_sched_table(g):
         t = row["t"]
         k = f"sched.table[t={t}]"
         f64(k + ".w", S.consistency_weight(t), row["w"])
+        # proportional schedules at the reference T are the reference's, bit for bit
+        assert S.consistency_weight(t, scale=(T, T)) == S.consistency_weight(t), k
+        assert S.phase(t, S.phase2_start(12000, T, T)) == row["phase"], k
+        st = S.ScheduleTensors("cpu", dtype=torch.float64, T=T, T_ref=T, clamp_at_T=False)
+        assert st.values(t) == S.ScheduleTensors("cpu", dtype=torch.float64, T=T,
+                                                 clamp_at_T=False).values(t), k
         lam = S.au_lambda(t, T)
         assert lam == row["lambda_f32"], (k, lam, row["lambda_f32"])  # exact float32 value
         one_minus = float(1 - torch.tensor(lam, dtype=torch.float32))  # what au_loss uses

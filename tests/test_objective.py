@@ -118,3 +118,35 @@ def test_fused_losses_match_the_pytorch_chain(supervision, nms, mode, phase2, mo
             torch.testing.assert_close(g_fus[n], gr, rtol=1e-4, atol=1e-5, msg=f"grad {n}")
             n_grads += 1
     assert n_grads > 50
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_supervised_baseline_has_no_unlabeled_term(fused):
+    """loss.semi_supervised = false: only the labeled terms of z1, z2 and P, computed on the
+    labeled images alone (the unlabeled half changes nothing), and the queues stay untouched;
+    its L is the same combination of those terms as in the semi-supervised objective."""
+    model, obj, sched, x, y = _setup("fusion", semi_supervised=False, fused_losses=fused)
+    before = copy.deepcopy(obj.state_dict())
+    L, terms = obj(model, x, y, sched, True)  # phase 2 asked for: the baseline has none
+    labeled = {"ce1_l", "dice1_l", "au1", "ce2_l", "dice2_l", "au2", "ceP_l", "diceP_l", "auP"}
+    assert set(terms) == labeled | {"sup1", "sup2", "pseudo", "L"}
+    assert torch.allclose(terms["L"], 0.5 * (terms["sup1"] + terms["sup2"]) + terms["pseudo"])
+    assert torch.equal(L.detach(), terms["L"])
+    assert all(torch.equal(before[k], v) for k, v in obj.state_dict().items())
+    L.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # other unlabeled images: the same loss (model in eval: dropout would differ per call)
+    model.eval()
+    x2 = x.clone()
+    x2[2:] = torch.rand_like(x2[2:])
+    L1, _ = obj(model, x, y, sched, False)
+    L2, _ = obj(model, x2, y, sched, False)
+    assert torch.equal(L1, L2)
+    # the semi-supervised objective's labeled terms are the same numbers on the same images
+    model_s, obj_s, sched_s, _, _ = _setup("fusion", fused_losses=fused)
+    model_s.load_state_dict(model.state_dict())
+    model_s.eval()
+    _, ts = obj_s(model_s, x[:2], y, sched_s, False)
+    _, tb = obj(model, x[:2], y, sched, False)
+    for k in labeled:
+        assert torch.allclose(ts[k], tb[k], atol=1e-6), k

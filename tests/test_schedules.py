@@ -70,3 +70,40 @@ def test_schedule_tensors_update_in_place():
     assert "t=3000" in repr(st64)
     with pytest.raises(ValueError, match="T"):
         S.ScheduleTensors("cpu", T=0)
+
+
+def test_proportional_schedules_equal_the_reference_at_its_length():
+    ref = S.ScheduleTensors("cpu", T=T)
+    prop = S.ScheduleTensors("cpu", T=T, T_ref=T)
+    for t in (0, 1, 149, 150, 12000, 29999, 30000, 49999, 50000):
+        assert prop.values(t) == ref.values(t), t
+    assert S.phase2_start(12000, T, T) == 12000 and S.phase2_start(6000, T, T) == 6000
+
+
+def test_proportional_schedules_at_300_iterations():
+    # ACDC: the ramp is full at 0.6 T, copy-paste starts at 0.24 T
+    full = S.consistency_weight(10 ** 6)
+    w = [S.consistency_weight(t, scale=(300, T)) for t in range(301)]
+    assert w[180] == full and w[179] < full and all(x == full for x in w[180:])
+    assert all(a <= b for a, b in zip(w, w[1:]))  # a ramp: never decreasing
+    assert w[0] == S.consistency_weight(0)  # starts where the reference starts
+    assert S.phase2_start(12000, 300, T) == 72
+    # the same epochs as the reference run, 300/50000 as long: t=90 ~ reference t=15000
+    assert w[90] == S.consistency_weight(15000)
+    st = S.ScheduleTensors("cpu", T=300, T_ref=T)
+    st.update(180)
+    assert st.w.item() == pytest.approx(full, rel=1e-7)
+    # the lr, λ and the gate threshold follow t/T in both modes
+    ab = S.ScheduleTensors("cpu", T=300)
+    for t in (0, 72, 299):
+        a, p = ab.values(t), st.values(t)
+        assert (a["lr"], a["lam"], a["thr"]) == (p["lr"], p["lam"], p["thr"])
+    with pytest.raises(ValueError, match="T_ref"):
+        S.ScheduleTensors("cpu", T=300, T_ref=0)
+
+
+def test_proportional_switch_rounds_to_the_nearest_iteration():
+    assert S.phase2_start(12000, 1000, T) == 240
+    assert S.phase2_start(12000, 1, T) == 0  # 0.24 rounds to 0
+    assert S.phase2_start(6000, 1500, 50000) == 180
+    assert S.phase2_start(1, 1, 2) == 1  # 0.5 rounds up

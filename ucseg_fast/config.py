@@ -110,6 +110,16 @@ class LossConfig:
     gate_base: float = 0.5
     gate_span: float = 0.46
     phase2_start: int = 12000
+    # "absolute": the consistency ramp (rampup_epoch_len, consistency_rampup) and phase2_start
+    # count iterations as the reference does; "proportional": they are points of a reference
+    # run of reference_iterations iterations, moved to the same fraction of train.max_iterations
+    # (a 300-iteration ACDC run reaches full w at 180 and copy-paste at 72). λ_t, the gate
+    # threshold and the lr follow t / max_iterations in both.
+    schedules: str = "absolute"
+    reference_iterations: int = 50000
+    # false: the supervised baseline -- the same pair (both subnets and P) trained on the
+    # labeled images only, every unlabeled-data term (pseudo-label losses, CCP, copy-paste) off
+    semi_supervised: bool = True
     # "softmax": CE + softmax Dice (the ACDC trainer); "sigmoid": BCE on the 2-channel one-hot,
     # σ Dice, per-channel σ > 0.5 pseudo-labels (the 2D-generic / 3D trainers, num_classes 2)
     supervision: str = "softmax"
@@ -175,6 +185,7 @@ _CHOICES = {
     ("model", "upg_head"): ("auto", "torch", "fused"),
     ("loss", "fused_losses"): (True, False, "auto"),
     ("loss", "pseudo_mode"): ("fusion", "entropy", "fusion+mask"),
+    ("loss", "schedules"): ("absolute", "proportional"),
     ("loss", "queue_pointer"): ("shared", "per_class"),
     ("loss", "queue_init"): ("reference", "feature_norm"),
     ("loss", "queue_gate"): ("soft", "hard"),
@@ -272,6 +283,24 @@ def _float_keys(cfg: Config):
                     yield f"{sec.name}.{f.name}[{i}]", x
 
 
+def scaled_iteration(q: int, T: int, T_ref: int) -> int:
+    """round(q · T / T_ref), halves up, in exact integer arithmetic: iteration q of a reference
+    run of T_ref iterations moved to a run of T (proportional schedules)."""
+    return (2 * q * T + T_ref) // (2 * T_ref)
+
+
+def phase2_start_at(cfg: Config) -> int:
+    """The iteration phase-2 copy-paste starts at: `loss.phase2_start` with absolute schedules,
+    round(phase2_start · max_iterations / reference_iterations) with proportional ones
+    (`scaled_iteration`); never (past the last iteration) for the supervised baseline."""
+    lo, T = cfg.loss, cfg.train.max_iterations
+    if not lo.semi_supervised:
+        return T + 1
+    if lo.schedules == "absolute":
+        return int(lo.phase2_start)
+    return scaled_iteration(lo.phase2_start, T, lo.reference_iterations)
+
+
 def _validate_numbers(cfg: Config, source: str) -> None:
     """Ranges of the numbers (every message names the key and the value)."""
     d, t, lo, m = cfg.data, cfg.train, cfg.loss, cfg.model
@@ -302,10 +331,14 @@ def _validate_numbers(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: loss.queue_size = {lo.queue_size} must be >= data.labeled_bs "
                           f"+ data.unlabeled_bs = {batch}: each CCP queue update writes one "
                           f"column per image of the batch")
-    if d.labeled_bs != d.unlabeled_bs and lo.phase2_start < t.max_iterations:
+    if lo.reference_iterations < 1:
+        raise ConfigError(f"{source}: loss.reference_iterations = {lo.reference_iterations} must "
+                          f"be >= 1")
+    switch = phase2_start_at(cfg)
+    if d.labeled_bs != d.unlabeled_bs and switch < t.max_iterations and lo.semi_supervised:
         raise ConfigError(f"{source}: data.labeled_bs = {d.labeled_bs} != data.unlabeled_bs = "
-                          f"{d.unlabeled_bs}: phase-2 copy-paste (from loss.phase2_start = "
-                          f"{lo.phase2_start} < train.max_iterations = {t.max_iterations}) pairs "
+                          f"{d.unlabeled_bs}: phase-2 copy-paste (from iteration {switch} < "
+                          f"train.max_iterations = {t.max_iterations}) pairs "
                           f"labeled image i with unlabeled image i, so the two batch sizes must "
                           f"be equal (or set loss.phase2_start >= train.max_iterations: no "
                           f"copy-paste)")

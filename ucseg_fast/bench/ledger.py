@@ -400,7 +400,7 @@ def _run_phase(core, batch, t: int, rec: _Recorder) -> None:
     rec.ops += [OpRecord("schedules", "aten::fill_") for _ in range(core.scalars.DEVICE_WRITES)]
     core.runner.part = lambda name: rec.in_part(part_names[name])
     try:
-        terms = core.runner(batch, t >= core.cfg.loss.phase2_start)
+        terms = core.runner(batch, t >= core.phase2_start)
         with rec.in_part("bookkeeping"):
             accumulate_terms({}, terms)
     finally:
@@ -408,7 +408,8 @@ def _run_phase(core, batch, t: int, rec: _Recorder) -> None:
 
 
 def _phase_ts(cfg) -> dict[int, int]:
-    p2 = cfg.loss.phase2_start
+    from ..config import phase2_start_at
+    p2 = phase2_start_at(cfg)
     return {1: max(0, min(p2 - 1, p2 // 2)), 2: p2}
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config, apply_overrides
+from ..config import Config, apply_overrides, phase2_start_at
 
 #: the fused UPG against the PyTorch modules, and the precision noise floor of the baseline
 UPG_VARIANTS: dict[str, list[str]] = {
@@ -144,7 +144,7 @@ def loss_curves(cfg: Config, variants: Mapping[str, Sequence[str]], *, steps: in
     res = {"config": cfg.name, "steps": steps, "torch": torch.__version__,
            "device": curves[baseline]["device"], "img_size": list(cfg.data.img_size),
            "batch": f"{cfg.data.labeled_bs}+{cfg.data.unlabeled_bs}", "amp": cfg.train.amp,
-           "phase2_start": cfg.loss.phase2_start, "curves": curves,
+           "phase2_start": phase2_start_at(cfg), "curves": curves,
            "comparison": compare(curves, baseline=baseline, noise=noise, window=window,
                                  factor=factor, rtol=rtol)}
     return res

@@ -91,8 +91,16 @@ class StepTerms(Mapping):
 
 # Derived terms: name -> {term: coefficient, ("w", term): coefficient·w(t)}; `lc`, `lp` are
 # the CCP weights (embed_c_factor, embed_p_factor). Phase 1 (METHOD.md §2.2) and phase 2 (§2.3).
-def _derived(phase2: bool, lc: float, lp: float) -> dict[str, dict]:
+def _derived(phase2: bool, lc: float, lp: float, semi: bool = True) -> dict[str, dict]:
     d: dict[str, dict] = {}
+    if not semi:  # the supervised baseline: L = ½(Lsup_1 + Lsup_2) + Lpseudo (labeled P terms)
+        for k in (1, 2):
+            d[f"sup{k}"] = {f"ce{k}_l": 1.0, f"au{k}": 1.0, f"dice{k}_l": 1.0}
+        d["pseudo"] = {"diceP_l": 1.0, "ceP_l": 1.0, "auP": 1.0}
+        L = {t: 0.5 * c for k in (1, 2) for t, c in d[f"sup{k}"].items()}
+        L.update(d["pseudo"])
+        d["L"] = L
+        return d
     for k in (1, 2):
         d[f"sup{k}"] = {f"ce{k}_l": 1.0, f"au{k}": 1.0, f"dice{k}_l": 1.0}
         d[f"unsup{k}"] = {f"ce{k}_u": 1.0, f"dice{k}_u": 1.0}
@@ -131,8 +139,12 @@ class UCSegObjective(nn.Module):
                  queue_size: int = 1440, contrast_temperature: float = 0.3,
                  queue_pointer: str = "per_class", queue_init: str = "feature_norm",
                  queue_gate: str = "hard", feature_channels=(64, 128, 256),
-                 supervision: str = "softmax", fused_losses: bool = False):
+                 supervision: str = "softmax", fused_losses: bool = False,
+                 semi_supervised: bool = True):
         super().__init__()
+        # False: the supervised baseline -- only the labeled images are forwarded, and only
+        # the labeled terms of z1, z2 and P are computed (no pseudo-label, CCP or copy-paste)
+        self.semi_supervised = bool(semi_supervised)
         if supervision not in ("softmax", "sigmoid"):
             raise ValueError(f"loss.supervision = {supervision!r}; choose 'softmax' or 'sigmoid'")
         if supervision == "sigmoid":
@@ -202,7 +214,7 @@ class UCSegObjective(nn.Module):
     def _coef(self, names: tuple[str, ...], phase2: bool, dtype: torch.dtype,
               device: torch.device) -> tuple[tuple[str, ...], Tensor, Tensor]:
         def build():
-            der = _derived(phase2, self.lambda_c, self.lambda_p)
+            der = _derived(phase2, self.lambda_c, self.lambda_p, self.semi_supervised)
             idx = {n: i for i, n in enumerate(names)}
             D0 = torch.zeros(len(der), len(names), dtype=torch.float64)
             D1 = torch.zeros(len(der), len(names), dtype=torch.float64)
@@ -291,6 +303,8 @@ class UCSegObjective(nn.Module):
         `torch.compile(fullgraph=True)` step returns."""
         C = self.num_classes
         Bl = y_l.shape[0]
+        if not self.semi_supervised:  # the supervised baseline never sees an unlabeled image
+            x, phase2 = x[:Bl], False
         B = x.shape[0]
         kind, fused = self.kind, self.fused_losses
         out = model(x)
@@ -320,6 +334,8 @@ class UCSegObjective(nn.Module):
                 add(self._cls_loss(z[:Bl], y_oh), f"ce{k}_l")
                 add(au_loss(z[:Bl], y_l, sched.lam), f"au{k}" if k != "P" else "auP")
                 add(dice_loss(p[:Bl], y_oh), f"dice{k}_l")
+        if not self.semi_supervised:
+            return self._combine(blocks, phase2, ftype, sched)
 
         # --- predictions: argmax maps, diff terms, hard gates; largest components ------------
         maps, stats = self._predictions(out.z1, out.z2, out.P if need_P else None, y_l, probs)
@@ -414,7 +430,11 @@ class UCSegObjective(nn.Module):
             add(icm, "icmix")
             add(ifem, "ife1mix", "ife2mix")
 
-        # --- every derived term and L: one matrix-vector product ----------------------------
+        return self._combine(blocks, phase2, ftype, sched)
+
+    def _combine(self, blocks: list[tuple[Tensor, tuple[str, ...]]], phase2: bool,
+                 ftype: torch.dtype, sched: StepScalars) -> tuple[Tensor, Tensor, tuple[str, ...]]:
+        """Every derived term and L from the term blocks: one matrix-vector product."""
         names = tuple(n for _, ns in blocks for n in ns)
         base = torch.cat([v if v.dtype == ftype else v.to(ftype) for v, _ in blocks])
         der_names, D0, D1 = self._coef(names, phase2, ftype, base.device)

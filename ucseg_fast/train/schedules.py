@@ -1,14 +1,28 @@
 """Per-iteration schedules of UC-Seg (METHOD.md §2.1 λ_t, §2.2 w(t), §2.4 thr(t), §3 lr).
 
 The scalar functions return Python floats computed exactly as the reference computes them
-(golden `sched.table`, all 14 rows, bit for bit). `ScheduleTensors` holds them as 0-D device
+(golden `sched.table`, all 14 rows, bit for bit).
+
+Absolute or proportional (`loss.schedules`). The reference counts the consistency ramp and the
+copy-paste switch in absolute iterations (ACDC: w(t) reaches its full value at 30 000, copy-paste
+from 12 000, in a run of T_ref = 50 000), so a shorter run trains with a fraction of the
+unlabeled weight and no copy-paste. Proportional schedules read every iteration-valued setting
+as a point of the reference run of `loss.reference_iterations` iterations and move it to the
+same fraction of this run's T: the ramp's epoch index is ⌊t·T_ref / (T·epoch_len)⌋ (integer
+arithmetic), the switch round(phase2_start·T / T_ref). At T = T_ref both are the reference's
+exactly; at T = 300 (ACDC) the ramp is full at iteration 180 and copy-paste starts at 72. λ_t,
+the queue-gate threshold and the lr are functions of t/T already and do not change. `ScheduleTensors` holds them as 0-D device
 tensors that are overwritten in place before each step, so a captured CUDA graph, a compiled
 step and a tensor-lr optimizer all see the new values without recapture or recompilation.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+
+from ..config import scaled_iteration
 
 __all__ = [
     "consistency_weight",
@@ -18,6 +32,7 @@ __all__ = [
     "lr_after_step",
     "lr_at",
     "phase",
+    "phase2_start",
     "ScheduleTensors",
 ]
 
@@ -28,16 +43,19 @@ def consistency_weight(
     rampup: float = 200.0,
     unsup_factor: float = 150.0,
     epoch_len: int = 150,
+    scale: tuple[int, int] | None = None,
 ) -> float:
     """w(t) = consistency · exp(−5(1 − min(⌊t/epoch_len⌋, rampup)/rampup)²) · unsup_factor.
 
     SSL4MIS `sigmoid_rampup` on "epochs" of 150 iterations, times the hard-coded ×150
     (`--unsup_factor` in ACDC); same float64 operation order as the reference.
+    `scale = (T, T_ref)`: proportional, the epoch index is ⌊t·T_ref / (T·epoch_len)⌋.
     """
     if rampup == 0:
         ramp = 1.0
     else:
-        current = float(np.clip(t // epoch_len, 0.0, rampup))
+        epoch = t // epoch_len if scale is None else (t * scale[1]) // (scale[0] * epoch_len)
+        current = float(np.clip(epoch, 0.0, rampup))
         ph = 1.0 - current / rampup
         ramp = float(np.exp(-5.0 * ph * ph))
     return consistency * ramp * unsup_factor
@@ -87,6 +105,14 @@ def phase(t: int, switch: int = 12000) -> int:
     return 2 if t >= switch else 1
 
 
+def phase2_start(switch: int, T: int, T_ref: int | None = None) -> int:
+    """The iteration copy-paste starts at: `switch` (absolute), or round(switch·T / T_ref)
+    (proportional; halves round up, exact integer arithmetic)."""
+    if T_ref is None:
+        return int(switch)
+    return scaled_iteration(switch, T, T_ref)
+
+
 class ScheduleTensors:
     """0-D device tensors of the per-step scalars, updated in place by `update(t)`.
 
@@ -111,9 +137,14 @@ class ScheduleTensors:
         thr_span: float = 0.46,
         clamp_at_T: bool = True,
         confidence_threshold: float = 0.95,
+        T_ref: int | None = None,
     ) -> None:
         if T <= 0:
             raise ValueError(f"ScheduleTensors: T (max_iterations) must be > 0, got {T}")
+        if T_ref is not None and T_ref <= 0:
+            raise ValueError(f"ScheduleTensors: T_ref (loss.reference_iterations) must be > 0, "
+                             f"got {T_ref}")
+        self.T_ref = T_ref  # None: absolute schedules; else proportional to T / T_ref
         self.base_lr, self.T = base_lr, T
         self.consistency, self.rampup = consistency, rampup
         self.unsup_factor, self.epoch_len = unsup_factor, epoch_len
@@ -133,10 +164,21 @@ class ScheduleTensors:
         """The Python values `update(t)` writes (for logging; no device access)."""
         return {
             "lr": lr_at(t, self.base_lr, self.T, self.clamp_at_T),
-            "w": consistency_weight(t, self.consistency, self.rampup, self.unsup_factor, self.epoch_len),
+            "w": consistency_weight(t, self.consistency, self.rampup, self.unsup_factor, self.epoch_len,
+                                    None if self.T_ref is None else (self.T, self.T_ref)),
             "lam": au_lambda(t, self.T),
             "thr": queue_threshold(t, self.T, self.thr_base, self.thr_span),
         }
+
+    def full_weight_at(self) -> int:
+        """The first iteration whose consistency weight is the full one: the epoch index
+        reaches ⌈rampup⌉ (absolute: t·1, proportional: t·T_ref/T, in epochs of epoch_len)."""
+        if self.rampup == 0:
+            return 0
+        iters = math.ceil(self.rampup) * self.epoch_len  # in the reference run's iterations
+        if self.T_ref is None:
+            return iters
+        return -(-iters * self.T // self.T_ref)  # ⌈iters·T / T_ref⌉
 
     DEVICE_WRITES = 4  # kernels `update` launches: one fill_ per device scalar
 

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import Config, config_from_dict, diff_configs
+from ..config import Config, config_from_dict, diff_configs, phase2_start_at
 from ..data.factory import build_train_stream
 from ..eval.protocol import evaluate, evaluation_items, mean_dice, open_dataset
 from ..models import build_ucseg_2d, build_ucseg_3d
@@ -180,7 +180,8 @@ class Trainer:
             self.log(f"training {self.cfg.name} on {self.device} ({self.core.step_mode_reason}; "
                      f"uncertainty {m.uncertainty}, UPG head {m.upg_head}, fused losses "
                      f"{lo.fused_losses}; world size {self.dist.world_size}) from iteration "
-                     f"{self.iteration} to {T}; data {self.cfg.data.root}; output {self.out_dir}")
+                     f"{self.iteration} to {T}; {self._method_line()}; data "
+                     f"{self.cfg.data.root}; output {self.out_dir}")
         if fresh and main:
             log_path.write_text("")  # a fresh run starts a fresh log (a resumed one appends)
             # the untrained model's score: the baseline every later validation is compared to
@@ -220,11 +221,9 @@ class Trainer:
                     now = time.perf_counter()
                     train_s += now - t_last
                     win_s += now - t_last
-                    rec = {"iteration": self.iteration,
-                           "lr": self.scalars.values(self.iteration - 1)["lr"],
+                    rec = {"iteration": self.iteration, **self.schedule_fields(self.iteration - 1),
                            **throughput_fields(self.iteration - it_last,
-                                               (self.cfg.data.labeled_bs +
-                                                self.cfg.data.unlabeled_bs) * self.dist.world_size,
+                                               self.images_per_step(),
                                                win_s, data_wait, gpu.window()),
                            **dict(zip(keys, vals)), "skipped_files": self.skipped_files()}
                     bad = _first_nonfinite(keys, vals)
@@ -298,6 +297,28 @@ class Trainer:
                 "skipped_files": self.skipped_files()}
 
     # ----------------------------------------------------------------------------------
+    def images_per_step(self) -> int:
+        """Images one step trains on, all ranks (the supervised baseline: the labeled ones)."""
+        d = self.cfg.data
+        return (d.labeled_bs + (d.unlabeled_bs if self.cfg.loss.semi_supervised else 0)
+                ) * self.dist.world_size
+
+    def _method_line(self) -> str:
+        lo, T = self.cfg.loss, self.cfg.train.max_iterations
+        if not lo.semi_supervised:
+            return "supervised baseline (labeled images only, no unlabeled term)"
+        full = self.scalars.full_weight_at()
+        return (f"{lo.schedules} schedules (consistency weight full from iteration "
+                f"{full if full <= T else f'{full}, after the run'}, copy-paste from "
+                f"{self.core.phase2_start if self.core.phase2_start <= T else 'never'})")
+
+    def schedule_fields(self, t: int) -> dict[str, Any]:
+        """What step t trained with, for the log: lr, consistency weight w, AU λ, queue-gate
+        threshold and phase (the supervised baseline: phase 1, and no unlabeled term uses w)."""
+        v = self.scalars.values(t)
+        return {"lr": v["lr"], "w": v["w"], "au_lambda": v["lam"], "gate_thr": v["thr"],
+                "phase": 2 if t >= self.core.phase2_start else 1}
+
     def skipped_files(self) -> int:
         """Files the data stream skipped (unreadable / oversized manifest entries)."""
         return int(getattr(self.stream, "skipped_files", 0) or 0)
@@ -571,12 +592,14 @@ class StepCore:
             queue_size=lc.queue_size, contrast_temperature=lc.contrast_temperature,
             queue_pointer=lc.queue_pointer, queue_init=lc.queue_init,
             queue_gate=lc.queue_gate, supervision=lc.supervision,
-            fused_losses=lc.fused_losses).to(device)
+            fused_losses=lc.fused_losses, semi_supervised=lc.semi_supervised).to(device)
         self.scalars = ScheduleTensors(
             device, base_lr=tc.base_lr, T=tc.max_iterations, consistency=lc.consistency,
             rampup=lc.consistency_rampup, unsup_factor=lc.unsup_factor,
             epoch_len=lc.rampup_epoch_len, thr_base=lc.gate_base, thr_span=lc.gate_span,
-            confidence_threshold=lc.confidence_threshold)
+            confidence_threshold=lc.confidence_threshold,
+            T_ref=lc.reference_iterations if lc.schedules == "proportional" else None)
+        self.phase2_start = phase2_start_at(cfg)  # never reached by the supervised baseline
         self.optimizer = self._build_optimizer()
         self.train_model: torch.nn.Module = self.model
         if dist.enabled:
@@ -666,7 +689,7 @@ class StepCore:
     def step(self, batch, t: int) -> dict[str, torch.Tensor]:
         """One training iteration on a Batch (`x_l`, `y_l`, `x_u`); detached loss terms."""
         self.update_scalars(t)
-        return self.runner(batch, t >= self.cfg.loss.phase2_start)
+        return self.runner(batch, t >= self.phase2_start)
 
 
 def resolve_config(cfg: Config, device: torch.device) -> Config:
