@@ -83,7 +83,9 @@ def test_la_preset_is_the_reference_3d_recipe():
     cfg = load_config(REPO / "configs" / "la_3d.toml")
     d, lo, m = cfg.data, cfg.loss, cfg.model
     assert (d.img_size, d.labeled_bs, d.unlabeled_bs, d.labeled_patients) == ((96, 96, 96), 2, 2, 8)
-    assert (d.num_classes, m.in_channels, m.patch_size, d.val_split) == (2, 1, 16, "test")
+    # validation on the last 8 of the 80 train.list cases, never on test.list
+    assert (d.num_classes, m.in_channels, m.patch_size, d.val_split) == (2, 1, 16, "val")
+    assert d.val_holdout == 8
     assert (d.eval_stride_xy, d.eval_stride_z) == (18, 4)
     assert (lo.supervision, lo.nms, lo.queue_size, lo.phase2_start) == ("sigmoid", True, 144, 6000)
     assert (lo.gate_base, lo.gate_span, lo.unsup_factor) == (0.2, 0.56, 150.0)
@@ -190,9 +192,18 @@ def test_copy_paste_needs_equal_batch_sizes():
     # no copy-paste in the run: unequal batches are fine
     cfg = load_config(None, ["--data.unlabeled_bs=8", "--loss.phase2_start=50000"])
     assert (cfg.data.labeled_bs, cfg.data.unlabeled_bs) == (12, 8)
-    with pytest.raises(ConfigError, match="phase2_start = 299 < train.max_iterations = 300"):
+    with pytest.raises(ConfigError, match="from iteration 299 < train.max_iterations = 300"):
         load_config(REPO / "configs" / "demo.toml", ["--data.unlabeled_bs=2",
-                                                     "--loss.phase2_start=299"])
+                                                     "--loss.phase2_start=299",
+                                                     "--loss.schedules=absolute"])
+    # proportional schedules: the switch of the reference run, moved into this one
+    with pytest.raises(ConfigError, match=r"from iteration 72 < .* >= loss.reference_iterations"):
+        load_config(REPO / "configs" / "demo.toml", ["--data.unlabeled_bs=2"])
+    cfg = load_config(REPO / "configs" / "demo.toml", ["--data.unlabeled_bs=2",
+                                                        "--loss.phase2_start=50000"])
+    assert cfg.data.unlabeled_bs == 2
+    # the supervised baseline has no copy-paste
+    load_config(None, ["--data.unlabeled_bs=8", "--loss.semi_supervised=false"])
 
 
 def test_the_validation_split_each_format_has():

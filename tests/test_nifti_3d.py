@@ -82,7 +82,8 @@ def heart_root(tmp_path_factory) -> Path:
 def _overrides(root, out_dir, **over):
     ov = {"data.root": f"'{root}'", "data.format": "'nifti'", "data.img_size": "[32,32,32]",
           "data.labeled_patients": "2", "data.labeled_bs": "1", "data.unlabeled_bs": "1",
-          "data.val_split": "'val'", "data.eval_stride_xy": "8", "data.eval_stride_z": "8",
+          "data.val_split": "'val'", "data.val_holdout": "0",  # NIfTI: imagesVal/, no hold-out
+          "data.eval_stride_xy": "8", "data.eval_stride_z": "8",
           "train.max_iterations": "2", "train.log_every": "1", "train.val_every": "2",
           "train.checkpoint_every": "100", "train.out_dir": f"'{out_dir}'", "train.progress": "false",
           "train.amp": "none", "train.channels_last": "false", "loss.phase2_start": "2",

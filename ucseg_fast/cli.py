@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,12 +33,32 @@ def _positive(value: int, option: str, minimum: int = 1) -> None:
 # ------------------------------------------------------------------------------------------
 def cmd_train(args, extra) -> int:
     from .preflight import preflight
+    started = time.perf_counter()  # a --time-budget counts from here
     cfg = _config(args, extra)
     if args.stop_at is not None:
         _positive(args.stop_at, "--stop-at")
+    if args.time_budget is not None:
+        if not args.time_budget > 0:
+            raise InputError(f"--time-budget {args.time_budget} must be > 0 minutes")
+        if args.resume or args.stop_at is not None:
+            raise InputError("--time-budget plans a whole run from its start: it does not "
+                             "combine with --resume or --stop-at")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise InputError("--time-budget is single-process (ranks would stop at different "
+                             "iterations); run it without torchrun")
     # device, output folder, data root and list files, labeled patients, resume sidecar:
     # before any data is loaded or model built
     preflight(cfg, resume=args.resume)
+    if args.time_budget is not None:
+        from .train.budget import train_for_budget
+        summary = train_for_budget(cfg, args.time_budget, overwrite=args.overwrite,
+                                   started=started)
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+        print(f"time budget {args.time_budget:g} min: {summary['iterations']} iterations, "
+              f"{summary['elapsed_s']:.0f} s in all, validation {summary['val_s']:.0f} s "
+              f"({100 * summary['val_share']:.0f} % of the run); best validation Dice "
+              f"{summary['best_val_dice']:.4f} at iteration {summary['best_iteration']}")
+        return 0
     from .train import Trainer
     trainer = Trainer(cfg, overwrite=args.overwrite)
     if args.resume:
@@ -121,7 +142,7 @@ def _predict_array(cfg, predict, img, batch_size: int, device):
 def cmd_eval(args, extra) -> int:
     import numpy as np
     from .eval.inference import ImageEvaluation
-    from .eval.protocol import evaluate, evaluation_items, is_3d, open_dataset
+    from .eval.protocol import evaluate, evaluation_items, is_3d, open_dataset, selection_warning
     from .eval.report import (format_image_table, format_table, save_overlay_figure, write_csv,
                               write_image_reports, write_json)
     from .preflight import check_output_folder, check_output_path
@@ -145,11 +166,19 @@ def cmd_eval(args, extra) -> int:
     if device.type == "cuda":  # exact HD95/ASD on the GPU instead of scipy on the CPU
         from .eval import surface_gpu
         surface_gpu.install()
+    # "val" of a 3D run with data.val_holdout = k: the last k lines of train.list, the volumes
+    # it validated on; "test": test.list, whatever the run validated on
     items = evaluation_items(cfg, open_dataset(cfg), args.split, args.max_volumes or None)
+    warning = selection_warning(cfg)
+    if warning and args.split == "test":
+        print(warning, file=sys.stderr)
     res = evaluate(cfg, predict, items, device=device, batch_size=args.batch_size,
                    mode=args.mode, save_dir=args.save_predictions)
-    print(f"checkpoint {args.checkpoint} (iteration {meta['iteration']}), split {args.split}, "
-          f"{len(items)} {'images' if cfg.data.format == 'folder' else 'volumes'}, data "
+    holdout = cfg.data.val_holdout
+    where = (f" (the last {holdout} lines of train.list, held out from training)"
+             if args.split == "val" and holdout and is_3d(cfg) else "")
+    print(f"checkpoint {args.checkpoint} (iteration {meta['iteration']}), split {args.split}"
+          f"{where}, {len(items)} {'images' if cfg.data.format == 'folder' else 'volumes'}, data "
           f"{cfg.data.root}, metrics mode {args.mode}")
     if isinstance(res, ImageEvaluation):
         print(format_image_table(res))
@@ -391,14 +420,7 @@ def cmd_bench(args, extra) -> int:
         args.out = f"benchmarks/results/{'curves' if args.what == 'curves' else 'e2e'}"
     from .preflight import check_device
     if args.what == "e2e":
-        from .train.bench import bench_e2e
-        cfg = _config(args, extra)
-        check_device(cfg.train.device, amp=cfg.train.amp)
-        res = bench_e2e(cfg, minutes=args.minutes, out_dir=args.out, val_every=args.val_every)
-        print(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=1))
-        print(f"wrote {Path(args.out) / 'dice_vs_time.json'} and "
-              f"{Path(args.out) / 'dice_vs_time.png'}")
-        return 0
+        return _bench_e2e(args, extra)
     if args.what == "curves":
         cfg = _config(args, extra)
         check_device(cfg.train.device, amp=cfg.train.amp)
@@ -462,6 +484,54 @@ def _bench_report(args, extra) -> int:
     from .bench.report import main_report
     return main_report(args.out, data=args.data, minutes=8.0 if args.minutes is None
                        else args.minutes, smoke=args.smoke)
+
+
+def _bench_e2e(args, extra) -> int:
+    """`bench e2e`: Dice against wall-clock time of one or several runs on one plot -- runs it
+    trains within --minutes each (the configuration, or each --variant), or, with --run, run
+    folders that exist (their metrics.jsonl)."""
+    from .train.bench import bench_e2e, plot_dice_curves, read_run_curve
+    from .train.curves import parse_variant
+    from .preflight import check_device
+    out = Path(args.out)
+    if args.run:
+        if args.variant or extra:
+            raise InputError("bench e2e --run plots existing runs: it takes no --variant or "
+                             "config overrides")
+        curves = {}
+        for folder in args.run:
+            name = Path(folder).name
+            try:
+                curves[name if name not in curves else folder] = read_run_curve(folder)
+            except FileNotFoundError:
+                raise InputError(f"--run {folder}: no metrics.jsonl in this folder") from None
+            except ValueError as e:
+                raise InputError(f"--run {folder}: {e}") from None
+        png = plot_dice_curves(curves, out / "dice_vs_time.png",
+                               " vs ".join(curves) + ": validation Dice")
+        js = out / "dice_vs_time.json"
+        js.write_text(json.dumps({"runs": {n: {"folder": f, "curve": c} for (n, c), f in
+                                           zip(curves.items(), args.run)}}, indent=1))
+        for n, c in curves.items():
+            best = max(c, key=lambda r: r["val_dice"])
+            print(f"{n}: {len(c)} validations, best Dice {best['val_dice']:.4f} at iteration "
+                  f"{best['iteration']}, last {c[-1]['val_dice']:.4f} at {c[-1]['iteration']}")
+        print(f"wrote {js} and {png}")
+        return 0
+    if not args.minutes > 0:
+        raise InputError(f"--minutes {args.minutes} must be > 0")
+    cfg = _config(args, extra)
+    check_device(cfg.train.device, amp=cfg.train.amp)
+    try:
+        variants = dict(parse_variant(v) for v in args.variant) or None
+    except ValueError as e:
+        raise InputError(f"{e}") from None
+    res = bench_e2e(cfg, minutes=args.minutes, out_dir=out, val_every=args.val_every,
+                    variants=variants)
+    print(json.dumps({n: {k: v for k, v in r.items() if k != "curve"}
+                      for n, r in res["runs"].items()}, indent=1))
+    print(f"wrote {out / 'dice_vs_time.json'} and {out / 'dice_vs_time.png'}")
+    return 0
 
 
 def _bench_curves(args, cfg) -> int:
@@ -538,6 +608,16 @@ def cmd_demo(args, extra) -> int:
     print(f"demo: best checkpoint (iteration {meta['iteration']}) on {len(vols)} validation volumes "
           f"({which}):")
     print(format_table(res))
+    # what it learned, to look at: a few slices of the first validation volume, and the curve
+    from .eval.report import save_overlay_figure
+    from .train.bench import dice_curve, plot_dice_curves
+    name, img, lab = vols[0][:3]
+    pred = _predict_array(cfg_, predict, img, cfg.train.val_batch_size, device)
+    fig = save_overlay_figure(out / "demo_predictions.png", img, lab, pred)
+    curve = plot_dice_curves({cfg.name: dice_curve(summary["history"])}, out / "dice_vs_time.png",
+                             f"{cfg.name}: validation Dice ({which.split(' at ')[0]})")
+    print(f"demo: wrote {out / 'demo_predictions.png'} (image / ground truth / prediction, "
+          f"slices {fig} of {name}) and {curve} (validation Dice against time)")
     return 0
 
 
@@ -557,6 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at", type=int, metavar="N",
                    help="stop after iteration N (saving 'last'); schedules still follow "
                         "train.max_iterations, so --resume continues the same run")
+    t.add_argument("--time-budget", type=float, metavar="MINUTES", dest="time_budget",
+                   help="fit the whole run (validation included) into MINUTES of wall-clock "
+                        "time: a short probe measures a step and a validation, then "
+                        "max_iterations and val_every are planned, with proportional schedules")
     t.add_argument("--overwrite", action="store_true",
                    help="start over in a folder that holds a run (its files are removed)")
     t.set_defaults(fn=cmd_train)
@@ -639,8 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", default=str(REPO / "configs" / "acdc_2d.toml"),
                    help="e2e / curves / ledger: TOML preset (default: the ACDC recipe)")
     b.add_argument("--minutes", type=float, default=None,
-                   help="e2e: training-time budget (default 10); report: the whole report's "
-                        "budget (default 8)")
+                   help="e2e: wall-clock budget of each run, validation included (default "
+                        "10); report: the whole report's budget (default 8)")
     b.add_argument("--data", default=None, metavar="ROOT",
                    help="report: also measure data throughput and time to Dice on this "
                         "SSL4MIS-layout dataset")
@@ -662,10 +746,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "benchmarks/results/curves); report: required")
     b.add_argument("--steps", type=int, default=None,
                    help="step: timed steps (default 20); curves: steps per variant (default 200)")
+    b.add_argument("--run", action="append", default=[], metavar="DIR",
+                   help="e2e: plot this run folder's validation Dice against time (repeatable; "
+                        "nothing is trained)")
     b.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDES",
                    help="curves: a variant, e.g. \"fused:model.upg_head='fused' "
                         "model.uncertainty='fused'\" (repeatable; the first is the baseline "
-                        "unless --baseline)")
+                        "unless --baseline); e2e: a run, e.g. ssl: and "
+                        "\"supervised:loss.semi_supervised=false\"")
     b.add_argument("--baseline", default=None, help="curves: the variant compared against")
     b.add_argument("--noise", default=None,
                    help="curves: the variant whose distance to the baseline is the noise floor")

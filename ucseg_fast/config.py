@@ -66,6 +66,10 @@ class DataConfig:
     # The list validation reads (SSL4MIS: <root>/<val_split>.list). The reference validates
     # ACDC on val.list and LA on test.list.
     val_split: str = "val"
+    # 3D SSL4MIS / UA-MT volumes only: the last val_holdout lines of train.list are the
+    # validation volumes (split "val", read instead of <root>/val.list) and never train, neither
+    # labeled nor unlabeled. 0 = every line of train.list trains.
+    val_holdout: int = 0
     # 3D sliding-window evaluation strides (METHOD.md §4: 18 in x/y, 4 in z)
     eval_stride_xy: int = 18
     eval_stride_z: int = 4
@@ -340,8 +344,8 @@ def _validate_numbers(cfg: Config, source: str) -> None:
                           f"{d.unlabeled_bs}: phase-2 copy-paste (from iteration {switch} < "
                           f"train.max_iterations = {t.max_iterations}) pairs "
                           f"labeled image i with unlabeled image i, so the two batch sizes must "
-                          f"be equal (or set loss.phase2_start >= train.max_iterations: no "
-                          f"copy-paste)")
+                          f"be equal (or start copy-paste after the run: loss.phase2_start >= "
+                          f"{'train.max_iterations' if lo.schedules == 'absolute' else 'loss.reference_iterations'})")
     if t.max_val_volumes < 0:
         raise ConfigError(f"{source}: train.max_val_volumes = {t.max_val_volumes} must be >= 0 "
                           f"(0 = every validation volume)")
@@ -403,6 +407,19 @@ def _validate(cfg: Config, source: str) -> None:
     if d.format == "ssl4mis" and not three_d and d.val_split not in ("val", "test"):
         raise ConfigError(f"{source}: data.val_split = {d.val_split!r}; 2D SSL4MIS validation "
                           f"reads the volumes of val.list or test.list: 'val' or 'test'")
+    if d.val_holdout < 0:
+        raise ConfigError(f"{source}: data.val_holdout = {d.val_holdout} must be >= 0 (the number "
+                          f"of last train.list lines held out for validation; 0 = none)")
+    if d.val_holdout and not (three_d and d.format == "ssl4mis"):
+        raise ConfigError(f"{source}: data.val_holdout = {d.val_holdout} holds out the last lines of "
+                          f"train.list, which only the 3D SSL4MIS / UA-MT recipe reads (data.img_size "
+                          f"of 3 values, data.format = 'ssl4mis'; here {d.format!r}, img_size "
+                          f"{list(d.img_size)}): set data.val_holdout = 0")
+    if d.val_holdout and d.val_split != "val":
+        raise ConfigError(f"{source}: data.val_holdout = {d.val_holdout} makes the last "
+                          f"{d.val_holdout} lines of train.list the validation split 'val', but "
+                          f"data.val_split = {d.val_split!r} validates on another list: set "
+                          f"data.val_split = 'val' (or data.val_holdout = 0)")
     if d.num_classes < 2:
         raise ConfigError(f"{source}: data.num_classes = {d.num_classes} must be >= 2")
     for n in d.img_size:

@@ -229,8 +229,18 @@ def check_data(cfg: Any) -> None:
     if fmt == "ssl4mis" and three_d:
         layout = "data.format = 'ssl4mis' with a 3D data.img_size reads <root>/train.list"
         _require(root / "train.list", "file", layout)
-        _require(root / f"{d.val_split}.list", "file",
-                 f"validation reads <root>/<data.val_split>.list (data.val_split = {d.val_split!r})")
+        holdout = d.val_holdout
+        if holdout:  # validation reads the last val_holdout lines of train.list, no other list
+            lines = [ln for ln in (root / "train.list").read_text().splitlines() if ln.strip()]
+            if d.labeled_patients + holdout >= len(lines):
+                raise PreflightError(
+                    f"{root / 'train.list'}: {len(lines)} volumes; data.labeled_patients = "
+                    f"{d.labeled_patients} plus data.val_holdout = {holdout} held out for validation "
+                    f"leave no unlabeled volume (labeled_patients + val_holdout must be at most "
+                    f"{len(lines) - 1})")
+        else:
+            _require(root / f"{d.val_split}.list", "file",
+                     f"validation reads <root>/<data.val_split>.list (data.val_split = {d.val_split!r})")
     elif fmt == "ssl4mis":
         layout = ("data.format = 'ssl4mis' reads <root>/train_slices.list, <root>/val.list and "
                   "the HDF5 files under <root>/data/")

@@ -16,7 +16,8 @@ so time a part does not use goes to the later ones):
 * upg — the UPG fusion head and the whole UPG against the PyTorch modules;
 * data — batches/s and img/s of the training stream (torch and DALI backends);
 * equality — 20 steps eager vs graph from identical seeds (phase switch at 10): the loss per step;
-* e2e — with ``--data``: validation Dice against training seconds.
+* e2e — with ``--data``: validation Dice against wall-clock seconds of a run planned to fill
+  its share of the budget (proportional schedules, `train.budget`).
 
 Every failure is local: a part (or one measurement) that raises, times out or does not fit the
 remaining budget is recorded with its reason and the report goes on; ``report.json`` is
@@ -573,7 +574,7 @@ def _w_e2e(emit, deadline, *, root: str, minutes: float, out: str, smoke: bool,
     ov = [f"--data.root='{root}'", "--train.progress=false"]
     if step_mode:
         ov.append(f"--train.step_mode='{step_mode}'")
-    val_every = 200
+    val_every = None  # planned from the budget (train.budget)
     if smoke:
         val_every = 2
         ov += ["--data.img_size=[32,32]", "--data.labeled_bs=1", "--data.unlabeled_bs=1",
@@ -1201,12 +1202,14 @@ def _render_e2e(rec: dict, rep: dict) -> list[str]:
     if r is None:
         return []
     out = [f"{r.get('config')} on {r.get('device')}, step mode {r.get('step_mode')}, batch "
-           f"{r.get('batch')}: {r.get('iterations')} iterations in {num(r.get('train_s'))} s of "
-           f"training; best validation Dice **{num(r.get('best_val_dice'), '.4f')}** at "
+           f"{r.get('batch')}: {r.get('iterations')} iterations in {num(r.get('wall_s'))} s "
+           f"({num(r.get('train_s'))} s of steps, validation "
+           f"{num(100 * (r.get('val_share') or 0), '.0f')} %); best validation Dice "
+           f"**{num(r.get('best_val_dice'), '.4f')}** at "
            f"iteration {r.get('best_iteration')} (curve: `{r.get('out_dir')}/dice_vs_time.png`)", ""]
-    out += table(["iteration", "train s", "val Dice"],
-                 [[c.get("iteration"), num(c.get("train_s")), num(c.get("val_dice"), ".4f")]
-                  for c in r["curve"]])
+    out += table(["iteration", "wall s", "train s", "val Dice"],
+                 [[c.get("iteration"), num(c.get("wall_s")), num(c.get("train_s")),
+                   num(c.get("val_dice"), ".4f")] for c in r["curve"]])
     return out
 
 

@@ -27,7 +27,8 @@ stream (below), three entries ``(X, Y, Z)`` the 3D one (METHOD.md §3, 3D column
 * 3D: ``format="ssl4mis"``, no ``unlabeled_manifest``: a `VolumeStream` over the UA-MT /
   SSL4MIS volume folder (`VolumeDataset`: LA ``2018LA_Seg_Training Set/<case>/
   mri_norm2.h5``, ``Pancreas_h5/<case>_norm.h5``, ...). Labeled = the first
-  ``labeled_patients`` volumes of ``train.list`` (LA 10 %: 8), the rest unlabeled;
+  ``labeled_patients`` volumes of ``train.list`` (LA 10 %: 8), the rest unlabeled, except the
+  last ``val_holdout`` lines: those are the validation volumes and never train;
   ``RandomRotFlip`` (off with ``augment = false``) then ``RandomCrop(img_size)``.
   ``backend="dali"``: a `DaliVolumeStream` (`dali3d`), the same draws and batches with the
   crop / rotation / flip done by DALI operators (GPU operators on a CUDA device).
@@ -342,10 +343,16 @@ def _build_volume_stream(data: Any, *, device: torch.device | str, seed: int, ra
         stream.set_identity(nds.fingerprint(names[:n_l], "labeled"), nds.fingerprint(names[n_l:], "unlabeled"),
                             resume_changed_data=resume_changed)
         return stream
-    ds = VolumeDataset(data.root, num_classes=data.num_classes)
-    names = ds.train_volumes
+    holdout = int(data.val_holdout)
+    ds = VolumeDataset(data.root, num_classes=data.num_classes, val_holdout=holdout)
+    names = ds.train_volumes  # without the held-out validation lines
     n_l = int(data.labeled_patients)
     if not 1 <= n_l < len(names):
+        if holdout and n_l >= 1:
+            total = len(names) + holdout
+            raise DataError(f"{ds.root / 'train.list'}: {total} volumes; data.labeled_patients = {n_l} "
+                            f"plus data.val_holdout = {holdout} held out for validation leave no unlabeled "
+                            f"volume (labeled_patients + val_holdout must be at most {total - 1})")
         raise DataError(f"{data.root}: train.list has {len(names)} volumes; data.labeled_patients = "
                         f"{data.labeled_patients} must be in [1, {len(names) - 1}] to leave unlabeled data")
     stream = cls(ds, n_labeled=n_l, labeled_bs=data.labeled_bs, unlabeled_bs=data.unlabeled_bs,

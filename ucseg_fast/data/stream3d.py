@@ -51,7 +51,8 @@ class VolumeStream:
 
     Args:
         dataset: the 3D folder; its ``train_volumes`` in list order, the first ``n_labeled``
-            labeled and the rest unlabeled (METHOD.md §3).
+            labeled and the rest unlabeled (METHOD.md §3). The held-out validation volumes of a
+            dataset with ``val_holdout > 0`` are not among them and are never read here.
         n_labeled: number of labeled volumes (LA 10 %: 8).
         labeled_bs, unlabeled_bs: per-step batch sizes (the reference: 2 + 2).
         seed: seeds the sampler and the augmentation generator.
@@ -63,7 +64,8 @@ class VolumeStream:
         cache_device: where the volume cache lives and the crop is cut (default: the CPU).
 
     Resume identity: built from a dataset, the state carries a fingerprint of the labeled and
-    unlabeled lines of ``train.list`` (`set_identity`). Nothing is skipped: `skipped_files` is 0.
+    unlabeled lines of ``train.list`` it trains on (`set_identity`; held-out lines excluded).
+    Nothing is skipped: `skipped_files` is 0.
     """
 
     #: files skipped so far (the trainer logs ``getattr(stream, "skipped_files", 0)``)
@@ -93,9 +95,12 @@ class VolumeStream:
         self._setup(images, labels, n_labeled=n_labeled, labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs,
                     seed=seed, device=device, patch_size=patch_size, rank=rank, world_size=world_size,
                     channels=channels, rot_flip=rot_flip, cache_device=cache_device)
+        # The fingerprints cover the lines this stream trains on: without the held-out tail.
         src = str(dataset.root / "train.list")
-        self.set_identity(fingerprint_lines(names[:n_labeled], f"{src} (labeled lines)"),
-                          fingerprint_lines(names[n_labeled:], f"{src} (unlabeled lines)"))
+        holdout = int(getattr(dataset, "val_holdout", 0))
+        tail = f", the last {holdout} lines held out for validation" if holdout else ""
+        self.set_identity(fingerprint_lines(names[:n_labeled], f"{src} (labeled lines{tail})"),
+                          fingerprint_lines(names[n_labeled:], f"{src} (unlabeled lines{tail})"))
 
     @classmethod
     def from_arrays(

@@ -10,7 +10,9 @@ Layouts (METHOD.md §3, "File formats"; the reference's LA / Pancreas dataset cl
 
 Every file holds datasets ``image`` (float32, z-score normalised) and ``label`` (uint8) of the
 same 3-D shape ``[X, Y, Z]`` (about ``[180, 140, 88]`` for LA). Labeled data are the first ``n_l``
-lines of ``train.list`` (LA 10 %: 8 of 80), the rest unlabeled. h5py is imported lazily.
+lines of ``train.list`` (LA 10 %: 8 of 80), the rest unlabeled. With ``val_holdout = k`` the last
+``k`` lines of ``train.list`` are the validation volumes instead (split ``"val"``): they are left
+out of training altogether, neither labeled nor unlabeled. h5py is imported lazily.
 """
 from __future__ import annotations
 
@@ -48,15 +50,21 @@ class VolumeDataset:
     Args:
         root: the folder holding ``train.list`` (and optionally ``test.list``) and the volumes.
         num_classes: every label read is checked to be in ``[0, num_classes)`` (LA, Pancreas: 2).
+        val_holdout: the last ``val_holdout`` lines of ``train.list`` are the validation volumes
+            (`held_out_volumes`, split ``"val"`` of `split_volumes`) and are not training volumes
+            (`train_volumes`); 0 = every line trains and ``"val"`` is ``<root>/val.list``.
     """
 
-    def __init__(self, root: str | os.PathLike[str], num_classes: int = 2) -> None:
+    def __init__(self, root: str | os.PathLike[str], num_classes: int = 2, val_holdout: int = 0) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"3D dataset root not found: {self.root}")
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if isinstance(val_holdout, bool) or int(val_holdout) < 0:
+            raise ValueError(f"data.val_holdout = {val_holdout!r} must be >= 0")
         self.num_classes = int(num_classes)
+        self.val_holdout = int(val_holdout)
         self._lists: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ lists and paths
@@ -76,10 +84,35 @@ class VolumeDataset:
             self._lists[split] = names
         return list(self._lists[split])
 
+    def _split_train_list(self) -> tuple[list[str], list[str]]:
+        """``train.list`` cut into (training lines, the last ``val_holdout`` lines)."""
+        names = self.volumes("train")
+        k = self.val_holdout
+        if k >= len(names):
+            raise DataError(f"{self.root / 'train.list'}: data.val_holdout = {k} holds out its last {k} "
+                            f"lines, but the list has only {len(names)} volumes: none would be left to "
+                            f"train on")
+        return names[:len(names) - k], names[len(names) - k:]
+
     @property
     def train_volumes(self) -> list[str]:
-        """Case names of ``train.list`` in file order (the labeled ones first)."""
-        return self.volumes("train")
+        """Training case names: the lines of ``train.list`` in file order (the labeled ones first),
+        without the last ``val_holdout`` lines."""
+        return self._split_train_list()[0]
+
+    @property
+    def held_out_volumes(self) -> list[str]:
+        """The validation case names taken from ``train.list``: its last ``val_holdout`` lines, in
+        file order (empty when ``val_holdout = 0``)."""
+        return self._split_train_list()[1] if self.val_holdout else []
+
+    def split_volumes(self, split: str) -> list[str]:
+        """Case names an evaluation of ``split`` reads: ``"val"`` with ``val_holdout > 0`` is the
+        held-out tail of ``train.list`` (`held_out_volumes`); any other split (and ``"val"``
+        without a hold-out) is ``<root>/<split>.list`` (`volumes`)."""
+        if split == "val" and self.val_holdout:
+            return self.held_out_volumes
+        return self.volumes(split)
 
     def path(self, name: str) -> Path:
         """The file of case ``name``: the first existing of the known layouts (module docstring). A
@@ -122,4 +155,5 @@ class VolumeDataset:
         return read_h5_pair(path, 3, self.num_classes)
 
     def __repr__(self) -> str:
-        return f"VolumeDataset(root={str(self.root)!r}, num_classes={self.num_classes})"
+        return (f"VolumeDataset(root={str(self.root)!r}, num_classes={self.num_classes}, "
+                f"val_holdout={self.val_holdout})")

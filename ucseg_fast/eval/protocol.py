@@ -12,6 +12,11 @@ is scored the same way wherever it is scored:
   foreground per case (METHOD.md §4; NIfTI items carry the header spacing (x, y, z), so
   distances are in its units, voxels for the HDF5 volumes);
 - `loss.supervision = "sigmoid"`: the prediction is σ(P)[:, 1] > 0.5, otherwise argmax.
+
+Which volumes: split "val" is `<root>/val.list`, except for 3D SSL4MIS / UA-MT volumes with
+`data.val_holdout = k > 0`, where it is the last k lines of train.list (which then do not train);
+"test" is always `<root>/test.list`. `selection_warning` names a configuration that selects its
+best checkpoint on the test split.
 """
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ def open_dataset(cfg) -> Any:
                             normalize=resolve_intensity(getattr(dc, "intensity", "auto"), dims))
     if is_3d(cfg):
         from ..data.volumes import VolumeDataset
-        return VolumeDataset(dc.root, num_classes=dc.num_classes)
+        return VolumeDataset(dc.root, num_classes=dc.num_classes,
+                             val_holdout=dc.val_holdout)
     if dc.format == "folder":
         from ..data.folders import FolderDataset
         return FolderDataset(dc.root, num_classes=dc.num_classes, mask_mode=dc.mask_mode)
@@ -53,7 +59,9 @@ def evaluation_items(cfg, dataset: Any, split: str = "val",
     """`(name, image, label[, spacing])` items of `split`: volumes [D,H,W] (SSL4MIS, NIfTI),
     3D volumes [X,Y,Z] as stored (3D recipe; NIfTI: with spacing (x, y, z), label int64) or
     images [C,H,W] with labels [H,W] (folders). Image folders and NIfTI sets (2D and 3D) have
-    one held-out split (folders: `val/`; NIfTI: `imagesVal/`, else `imagesTs/`)."""
+    one held-out split (folders: `val/`; NIfTI: `imagesVal/`, else `imagesTs/`). 3D SSL4MIS
+    volumes with `data.val_holdout > 0`: "val" is the held-out tail of train.list (`dataset`
+    from `open_dataset`), "test" is test.list."""
     fmt = cfg.data.format
     if fmt == "nifti":
         if split != "val":
@@ -61,7 +69,11 @@ def evaluation_items(cfg, dataset: Any, split: str = "val",
                              f"imagesVal/, else imagesTs/), not {split!r}")
         return dataset.val_volumes(limit)
     if is_3d(cfg):
-        names = dataset.volumes(split)[:limit]
+        holdout, held = cfg.data.val_holdout, getattr(dataset, "val_holdout", 0)
+        if holdout != held:
+            raise ValueError(f"{dataset.root}: the dataset holds out {held} lines of train.list but "
+                             f"data.val_holdout = {holdout}; open it with open_dataset(cfg)")
+        names = dataset.split_volumes(split)[:limit]
         if not names:
             raise ValueError(f"{dataset.root}: {split}.list names no volume")
         return [(n, *dataset.read_volume(n)) for n in names]
@@ -77,6 +89,17 @@ def evaluation_items(cfg, dataset: Any, split: str = "val",
         return items
     names = dataset.volumes(split)[:limit]
     return [(n, *dataset.read_volume(n)) for n in names]
+
+
+def selection_warning(cfg) -> str | None:
+    """One line when validation, which picks the best checkpoint, reads the test split
+    (`data.val_split = "test"`, 2D or 3D): a test score of that checkpoint is then not a
+    result. None otherwise."""
+    if cfg.data.val_split != "test":
+        return None
+    return ("WARNING: validation reads test.list (data.val_split = 'test'): the best checkpoint "
+            "is selected on the test split, so its test score is not a result; validate on "
+            "val.list or, for 3D volumes, on data.val_holdout lines of train.list")
 
 
 def evaluate(cfg, predict_fn: PredictFn, items: list[tuple[Any, ...]], *,

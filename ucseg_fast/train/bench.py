@@ -148,51 +148,116 @@ def bench_step(*, steps: int = 20, warmup: int = 5, phase2: bool = False, device
     return res
 
 
-def bench_e2e(cfg, *, minutes: float, out_dir: str | Path, val_every: int | None = None,
-              log=print) -> dict:
-    """Train `cfg` (the ACDC recipe) for a wall-clock budget of training time, validating every
-    `val_every` iterations; write `dice_vs_time.json` and `dice_vs_time.png` into `out_dir`.
+def dice_curve(history: list[dict]) -> list[dict]:
+    """The validation rows of a run's log / history: iteration, val_dice, train_s (step time)
+    and wall_s (since the start, validation included; absent in logs that predate it)."""
+    return [{k: r[k] for k in ("iteration", "val_dice", "train_s", "wall_s", "val_s") if k in r}
+            for r in history if "val_dice" in r]
 
-    The budget counts step time only (validation and checkpoints are excluded, see
-    `Trainer.train(time_budget_s=)`), so the curve is Dice against training seconds.
 
-    A benchmark run: `out_dir` is its output, so the training run in `out_dir/run` replaces
-    whatever an earlier `bench e2e` left there (`Trainer(overwrite=True)`); the folder is
-    still locked for the run (two benchmarks on one folder refuse each other)."""
-    import dataclasses
+def read_run_curve(folder: str | Path) -> list[dict]:
+    """`dice_curve` of a run folder's metrics.jsonl."""
     import json
-    from .trainer import Trainer
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tc = cfg.train
-    if val_every is not None:
-        tc = dataclasses.replace(tc, val_every=val_every)
-    # logging every val_every keeps the budget check (a sync) off all other iterations
-    tc = dataclasses.replace(tc, out_dir=str(out / "run"),
-                             log_every=min(tc.log_every, tc.val_every))
-    cfg = dataclasses.replace(cfg, train=tc)
-    trainer = Trainer(cfg, log=log, overwrite=True)  # the folder is this benchmark's output
-    summary = trainer.train(time_budget_s=60.0 * minutes)
-    curve = [{"iteration": r["iteration"], "train_s": r.get("train_s", 0.0),
-              "val_dice": r["val_dice"]} for r in summary["history"]]
-    dev = trainer.device
-    res = {"config": cfg.name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-           else "cpu", "step_mode": trainer.runner.mode, "minutes": minutes,
-           "iterations": summary["iterations"], "train_s": summary["train_s"],
-           "best_val_dice": summary["best_val_dice"], "best_iteration": summary["best_iteration"],
-           "batch": f"{cfg.data.labeled_bs}+{cfg.data.unlabeled_bs}",
-           "img_size": list(cfg.data.img_size), "torch": torch.__version__, "curve": curve}
-    (out / "dice_vs_time.json").write_text(json.dumps(res, indent=1))
+    from .checkpoint import LOG_NAME
+    path = Path(folder) / LOG_NAME
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{i}: not a JSON row") from None
+    curve = dice_curve(rows)
+    if not curve:
+        raise ValueError(f"{path}: no validation row (val_dice) in this log")
+    return curve
+
+
+def plot_dice_curves(curves: dict[str, list[dict]], path: str | Path, title: str) -> Path:
+    """One PNG: validation Dice against wall-clock minutes (validation included; step time
+    where a log has no wall clock) of every run in `curves`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([c["train_s"] / 60 for c in curve], [c["val_dice"] for c in curve], "o-")
-    ax.set_xlabel("training time (min)")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    clock = "wall_s" if all("wall_s" in c for cv in curves.values() for c in cv) else "train_s"
+    for name, curve in curves.items():
+        ax.plot([c[clock] / 60 for c in curve], [c["val_dice"] for c in curve], "o-",
+                ms=3, label=name)
+    ax.set_xlabel("wall-clock time (min), validation included" if clock == "wall_s"
+                  else "training time (min)")
     ax.set_ylabel("validation Dice")
-    ax.set_title(f"{cfg.name}, {res['device']}, {res['step_mode']}")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "dice_vs_time.png", dpi=120)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def bench_e2e(cfg, *, minutes: float, out_dir: str | Path, val_every: int | None = None,
+              variants: dict[str, list[str]] | None = None, log=print) -> dict:
+    """Time to Dice: train `cfg` -- or each of `variants` (name -> config overrides, e.g.
+    {"ssl": [], "supervised": ["loss.semi_supervised=false"]}) in turn -- within `minutes` of
+    wall-clock time each, and write `dice_vs_time.json` and one `dice_vs_time.png` of all of
+    them into `out_dir` (each run in `out_dir/<name>`).
+
+    `val_every=None` plans each run to fill its budget (`train.budget`: a probe, then
+    max_iterations and val_every, proportional schedules). With `val_every` the configuration
+    trains as given and the budget only stops it (a smoke test at a fixed length).
+
+    A benchmark run: `out_dir` is its output, so each training run replaces whatever an
+    earlier `bench e2e` left in its folder (`overwrite=True`); the folder is still locked for
+    the run (two benchmarks on one folder refuse each other)."""
+    import dataclasses
+    import json
+    from ..config import apply_overrides
+    from .budget import train_for_budget
+    from .trainer import Trainer
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = variants or {cfg.name: []}
+    runs: dict[str, dict] = {}
+    for name, overrides in variants.items():
+        v = apply_overrides(cfg, [o if o.startswith("--") else f"--{o}" for o in overrides])
+        tc = dataclasses.replace(v.train, out_dir=str(out / name))
+        if val_every is not None:
+            # logging every val_every keeps the budget check (a sync) off other iterations
+            tc = dataclasses.replace(tc, val_every=val_every,
+                                     log_every=min(tc.log_every, val_every))
+        v = dataclasses.replace(v, train=tc)
+        if val_every is None:
+            summary = train_for_budget(v, minutes, log=log, overwrite=True)
+        else:
+            t0 = time.perf_counter()
+            trainer = Trainer(v, log=log, overwrite=True)
+            summary = trainer.train(time_budget_s=60.0 * minutes)
+            summary.update(elapsed_s=time.perf_counter() - t0, step_mode=trainer.runner.mode,
+                           device=(torch.cuda.get_device_name(trainer.device)
+                                   if trainer.device.type == "cuda" else "cpu"))
+        runs[name] = {
+            "overrides": list(overrides), "step_mode": summary["step_mode"],
+            "iterations": summary["iterations"], "train_s": summary["train_s"],
+            "wall_s": summary["wall_s"], "val_s": summary["val_s"],
+            "val_share": summary["val_share"], "elapsed_s": summary["elapsed_s"],
+            "best_val_dice": summary["best_val_dice"],
+            "best_iteration": summary["best_iteration"], "plan": summary.get("plan"),
+            "curve": dice_curve(summary["history"])}
+        device = summary["device"]
+    first = next(iter(runs.values()))
+    res = {"config": cfg.name, "device": device, "minutes": minutes,
+           "batch": f"{cfg.data.labeled_bs}+{cfg.data.unlabeled_bs}",
+           "img_size": list(cfg.data.img_size), "torch": torch.__version__,
+           "runs": runs,
+           # the first run's figures at the top level (one-run readers, the report)
+           **{k: first[k] for k in ("step_mode", "iterations", "train_s", "wall_s", "val_share",
+                                    "best_val_dice", "best_iteration", "curve")}}
+    (out / "dice_vs_time.json").write_text(json.dumps(res, indent=1))
+    plot_dice_curves({n: r["curve"] for n, r in runs.items()}, out / "dice_vs_time.png",
+                     f"{cfg.name}, {device}, {minutes:g} min each")
     return res

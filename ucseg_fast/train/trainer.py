@@ -34,7 +34,8 @@ import torch
 
 from ..config import Config, config_from_dict, diff_configs, phase2_start_at
 from ..data.factory import build_train_stream
-from ..eval.protocol import evaluate, evaluation_items, mean_dice, open_dataset
+from ..eval.protocol import (evaluate, evaluation_items, mean_dice, open_dataset,
+                             selection_warning)
 from ..models import build_ucseg_2d, build_ucseg_3d
 from .checkpoint import (LOG_NAME, CheckpointError, RunFolderError, RunLock, atomic_write_text,
                          join_state, load_checkpoint, remove_orphans, remove_run, resolve,
@@ -123,6 +124,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.out_dir = Path(tc.out_dir)
         self._val_volumes = None
+        self.val_s, self.last_val_s = 0.0, 0.0  # seconds of validation: all, the latest
+        self._wall0 = time.perf_counter()  # reset by train()
         self._resumed_from: Path | None = None   # the checkpoint `load` restored
         self._cut_log_at: int | None = None      # pending: cut metrics.jsonl back (resume)
         # (path, iteration) of the newest checkpoint known finite: written by this run or loaded
@@ -141,9 +144,12 @@ class Trainer:
         """Train up to max_iterations (or stop early at `stop_at`, saving `last`, e.g. to
         split a run across jobs; the schedules always follow max_iterations).
 
-        `time_budget_s` (single process): also stop, validate and save `last` once the
-        training time (validation and checkpoint time excluded) reaches the budget — the
-        `bench e2e` wall-clock run. Validation records carry `train_s`, that training time."""
+        `time_budget_s` (single process): a wall-clock budget for this call, validation and
+        checkpoints included: at each log row the run stops (validating and saving `last`)
+        when one more log window and one more validation would not fit. `train.budget` plans
+        `max_iterations` so that the run fills its budget. Validation records carry `train_s`
+        (step time only), `wall_s` (since the start, validation included) and `val_s` (the
+        validations' share of it)."""
         tc = self.cfg.train
         T = tc.max_iterations
         stop = T if stop_at is None else min(stop_at, T)
@@ -182,11 +188,18 @@ class Trainer:
                      f"{lo.fused_losses}; world size {self.dist.world_size}) from iteration "
                      f"{self.iteration} to {T}; {self._method_line()}; data "
                      f"{self.cfg.data.root}; output {self.out_dir}")
+            warning = selection_warning(self.cfg)
+            if warning:  # loudly: at the start, and in the summary
+                self.log(warning)
+        self._wall0 = time.perf_counter()
+        if self.history:  # a resumed run continues the clock of its log
+            self._wall0 -= float(self.history[-1].get("wall_s", 0.0))
+            self.val_s = float(self.history[-1].get("val_s", 0.0))
         if fresh and main:
             log_path.write_text("")  # a fresh run starts a fresh log (a resumed one appends)
             # the untrained model's score: the baseline every later validation is compared to
             start = self.validate()
-            rec0 = {"iteration": 0, "val_dice": start, "train_s": 0.0,
+            rec0 = {"iteration": 0, "val_dice": start, "train_s": 0.0, **self.wall_fields(),
                     "skipped_files": self.skipped_files()}
             self.history.append(rec0)
             with open(log_path, "a") as f:
@@ -212,7 +225,12 @@ class Trainer:
                     # sync-ok: once per log window, so the budget counts finished GPU work
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
-                    if train_s + time.perf_counter() - t_last >= time_budget_s:
+                    now = time.perf_counter()
+                    # stop now unless one more log window of steps and the final validation
+                    # still fit (the mean step time so far, validation excluded)
+                    per_step = (train_s + now - t_last) / max(1, self.iteration)
+                    if (now - self._wall0 + per_step * tc.log_every + self.last_val_s
+                            >= time_budget_s):
                         halt = True
                 if self.iteration % tc.log_every == 0 or halt or done:
                     keys, means = window_means(acc, n_key)
@@ -264,7 +282,7 @@ class Trainer:
                 if main and val_now:
                     dice = self.validate()
                     rec = {"iteration": self.iteration, "val_dice": dice,
-                           "train_s": train_s + t_book - t_last,
+                           "train_s": train_s + t_book - t_last, **self.wall_fields(),
                            "skipped_files": self.skipped_files()}
                     self.history.append(rec)
                     with open(log_path, "a") as f:
@@ -291,9 +309,12 @@ class Trainer:
             gpu.stop()
             if bar is not None:
                 bar.close()
+        wall = self.wall_fields()
         return {"iterations": self.iteration, "best_val_dice": self.best_dice,
                 "best_iteration": self.best_iteration, "history": self.history,
-                "out_dir": str(self.out_dir), "train_s": train_s,
+                "out_dir": str(self.out_dir), "train_s": train_s, **wall,
+                "val_share": wall["val_s"] / wall["wall_s"] if wall["wall_s"] > 0 else 0.0,
+                **({"selection_warning": w} if (w := selection_warning(self.cfg)) else {}),
                 "skipped_files": self.skipped_files()}
 
     # ----------------------------------------------------------------------------------
@@ -308,9 +329,15 @@ class Trainer:
         if not lo.semi_supervised:
             return "supervised baseline (labeled images only, no unlabeled term)"
         full = self.scalars.full_weight_at()
-        return (f"{lo.schedules} schedules (consistency weight full from iteration "
-                f"{full if full <= T else f'{full}, after the run'}, copy-paste from "
-                f"{self.core.phase2_start if self.core.phase2_start <= T else 'never'})")
+        if full <= T:
+            ramp = f"consistency weight full from iteration {full}"
+        else:  # absolute schedules in a short run: say how little of the method it trains
+            share = self.scalars.values(T - 1)["w"] / self.scalars.values(full)["w"]
+            ramp = (f"consistency weight full from iteration {full}, after the run: at most "
+                    f"{100 * share:.1f} % of it here (loss.schedules = 'proportional' scales "
+                    f"the schedules to the run)")
+        cp = self.core.phase2_start
+        return f"{lo.schedules} schedules ({ramp}, copy-paste from {cp if cp < T else 'never'})"
 
     def schedule_fields(self, t: int) -> dict[str, Any]:
         """What step t trained with, for the log: lr, consistency weight w, AU λ, queue-gate
@@ -435,14 +462,23 @@ class Trainer:
 
     def validate(self) -> float:
         """Mean validation Dice with the configuration's protocol (`eval.protocol`): volumes
-        slice-wise (classes 1..C-1, then volumes), image folders per image at img_size."""
+        slice-wise (classes 1..C-1, then volumes), image folders per image at img_size. Its
+        seconds go to `val_s` (and `last_val_s`)."""
+        t0 = time.perf_counter()
         self.model.eval()
         try:
             res = evaluate(self.cfg, self.predict_fn(), self.val_volumes(), device=self.device,
                            batch_size=self.cfg.train.val_batch_size, dice_only=True)
         finally:
             self.model.train()
+            self.last_val_s = time.perf_counter() - t0
+            self.val_s += self.last_val_s
         return mean_dice(res)
+
+    def wall_fields(self) -> dict[str, float]:
+        """`wall_s`: seconds since this run started (its log's clock, resumes included),
+        validation and checkpoints included; `val_s`: the validations' part of it."""
+        return {"wall_s": time.perf_counter() - self._wall0, "val_s": self.val_s}
 
     # ----------------------------------------------------------------------------------
     def _rank_state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
