@@ -91,6 +91,12 @@ def test_time_budget_stops_a_tiny_run_within_10_percent(root, tmp_path, capsys):
     summary = json.loads(text[text.index("{"):text.rindex("}") + 1])
     assert abs(elapsed - 60 * budget_min) <= 0.1 * 60 * budget_min, (elapsed, summary["plan"])
     assert summary["plan"]["max_iterations"] >= 2 and summary["iterations"] >= 2
+    # the length was planned again from the run's own phase-1 steps, before copy-paste
+    plan = summary["plan"]
+    assert 0 < plan["replanned_at"] < phase2_start_at(load_config(None, [
+        f"--train.max_iterations={plan['max_iterations']}", "--loss.schedules=proportional"]))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["max_iterations"] == plan["max_iterations"]
     assert 0 < summary["val_share"] < 1 and summary["val_s"] > 0
     log = rows(out)
     steps = [r for r in log if "L" in r]

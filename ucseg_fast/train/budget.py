@@ -9,16 +9,22 @@ of a few per cent, no copy-paste). So the plan is:
    plan picks, the run goes through the whole method, ramp and copy-paste at the reference's
    fractions of it.
 2. A probe, on the clock: the configuration's own trainer is built, takes a few untimed then
-   timed steps in each phase the run will have (the median of single steps; a phase-2 step
-   is not a phase-1 step), and validates (timed: the first validation also reads the volumes,
+   timed steps in each phase the run will have (the lower quartile of single steps; a phase-2
+   step is not a phase-1 step), and validates (timed: the first validation also reads the volumes,
    so a second one is timed when it is cheap); then it is discarded.
 3. `max_iterations` and `val_every` from those times: validations (iteration 0 and then
    `n_val` more, the last at the end) are given about `VAL_SHARE` of what is left, the steps
    the rest, less a margin for the build of the real trainer (measured in the probe) and
    checkpoints.
-4. The run itself, with the remaining budget as a hard wall-clock stop (`Trainer.train
-   (time_budget_s=)`): if steps turn out slower than probed, it stops early, validating and
-   saving `last` within the budget.
+4. One correction from the run's own steps: after about `REPLAN_AT` of the planned steps
+   (all of phase 1, before copy-paste starts), `max_iterations` is planned again from the
+   measured step time (and the probe's phase-2 / phase-1 ratio): a probe of a few steps can be
+   off by a third on a shared machine. The schedules read T, so they follow; the lr and the
+   consistency weight change by a few per cent of their value at that point.
+5. The run itself, with the remaining budget as a hard wall-clock stop (`Trainer.train
+   (time_budget_s=)`): if steps turn out slower than probed, it stops a little before
+   `max_iterations` (the summary's `iterations` against the plan's), validating and saving
+   `last` within the budget.
 
 The summary reports the plan, the seconds of each part and validation's share of the run.
 """
@@ -43,6 +49,8 @@ VAL_SHARE = 0.10
 MAX_VALIDATIONS = 20
 #: the budget kept free for what the probe does not measure (checkpoints, the log, jitter)
 MARGIN = 0.03
+#: the fraction of the planned run after which its length is planned again from its own steps
+REPLAN_AT = 0.08
 
 
 class BudgetError(UserError):
@@ -70,16 +78,19 @@ def _probe(cfg: Config, *, steps: int, budget_s: float, log: Callable[[str], Non
     for phase, t_at in ((1, 0), (2, switch)):
         if phase == 2 and switch >= T:
             break
-        for _ in range(warm + 1):  # + 1: first-call allocations and kernel selection
+        for _ in range(warm + 2):  # + 2: first-call allocations and kernel selection
             trainer.step(trainer.stream.next(), t_at)
         each = []
-        for _ in range(steps):  # the median of single steps: one slow step does not count
+        for _ in range(steps):
             _sync(trainer.device)
             t1 = time.perf_counter()
             trainer.step(trainer.stream.next(), t_at)
             _sync(trainer.device)
             each.append(time.perf_counter() - t1)
-        times[phase] = sorted(each)[len(each) // 2]
+        # the lower quartile of single steps: a slow step (a page fault, another process)
+        # makes the plan too short, while a plan a little too long only means that the
+        # wall-clock stop ends the run a few steps before max_iterations
+        times[phase] = sorted(each)[len(each) // 4]
     # the first validation reads the validation volumes, later ones reuse them: time both
     # when a second one is cheap next to the budget
     trainer.validate()
@@ -139,9 +150,36 @@ def plan_run(cfg: Config, budget_s: float, probe: dict[str, float], elapsed_s: f
     return new, plan
 
 
+def _replanner(plan: dict[str, Any], budget_s: float, left_s: float,
+               log: Callable[[str], None]):
+    """The `Trainer.train(replan=)` callback: once REPLAN_AT of the planned steps are done,
+    the length that fills what is left of `left_s` at the measured step time."""
+    ratio = plan["step2_s"] / max(plan["step1_s"], 1e-9)
+    f = 1.0 - plan["phase2_fraction"]  # the fraction of the run before copy-paste
+    v = plan["val_s"] / plan["val_every"]  # validation time a step brings
+
+    def replan(trainer, train_s: float, wall_s: float) -> int | None:
+        t = trainer.iteration
+        T = trainer.cfg.train.max_iterations
+        if t < max(REPLAN_AT * T, 2 * trainer.cfg.train.log_every, 5):
+            return None  # not enough of the run's own steps yet
+        switch = phase2_start_at(trainer.cfg)
+        s1 = train_s / t  # every step so far was a phase-1 step
+        s2 = s1 * ratio
+        rest = left_s - wall_s - MARGIN * budget_s - plan["val_s"]  # the final validation
+        new_T = math.floor((rest + t * (s1 + v)) / (f * s1 + (1.0 - f) * s2 + v))
+        if t >= switch or new_T <= t or f * new_T <= t + 1:
+            return T if t < switch else None  # too late to change the length: keep it
+        log(f"time budget: {new_T} iterations instead of {T} (a step takes {1e3 * s1:.0f} ms "
+            f"here, the probe said {1e3 * plan['step1_s']:.0f} ms)")
+        plan.update(replanned_at=t, planned_max_iterations=T, max_iterations=new_T)
+        return new_T
+    return replan
+
+
 def train_for_budget(cfg: Config, minutes: float, *, log: Callable[[str], None] = print,
                      overwrite: bool = False, started: float | None = None,
-                     probe_steps: int = 5) -> dict[str, Any]:
+                     probe_steps: int = 8) -> dict[str, Any]:
     """Plan (`_probe`, `plan_run`) and train `cfg` within `minutes` of wall-clock time counted
     from `started` (default: now). Returns the trainer's summary with `plan` added and the run's
     own seconds (`elapsed_s` from `started`)."""
@@ -161,8 +199,13 @@ def train_for_budget(cfg: Config, minutes: float, *, log: Callable[[str], None] 
         f"{plan['val_every']} ({plan['validations']} validations, about "
         f"{100 * plan['planned_val_share']:.0f} % of the budget)")
     trainer = Trainer(cfg, log=log, overwrite=overwrite)
-    summary = trainer.train(time_budget_s=budget_s - (time.perf_counter() - started))
+    left = budget_s - (time.perf_counter() - started)
+    summary = trainer.train(time_budget_s=left,
+                            replan=_replanner(plan, budget_s, left, log))
     summary["plan"] = plan
+    if summary["iterations"] < plan["max_iterations"]:
+        log(f"time budget: stopped at iteration {summary['iterations']} of the "
+            f"{plan['max_iterations']} planned (steps were slower than the probe's)")
     summary["elapsed_s"] = time.perf_counter() - started
     summary["budget_s"] = budget_s
     summary["device"] = (torch.cuda.get_device_name(trainer.device)

@@ -20,6 +20,7 @@ is ever written from non-finite weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -139,8 +140,9 @@ class Trainer:
         return self.core.step(batch, t)
 
     # ----------------------------------------------------------------------------------
-    def train(self, stop_at: int | None = None, *,
-              time_budget_s: float | None = None) -> dict[str, Any]:
+    def train(self, stop_at: int | None = None, *, time_budget_s: float | None = None,
+              replan: Callable[["Trainer", float, float], int | None] | None = None
+              ) -> dict[str, Any]:
         """Train up to max_iterations (or stop early at `stop_at`, saving `last`, e.g. to
         split a run across jobs; the schedules always follow max_iterations).
 
@@ -149,7 +151,9 @@ class Trainer:
         when one more log window and one more validation would not fit. `train.budget` plans
         `max_iterations` so that the run fills its budget. Validation records carry `train_s`
         (step time only), `wall_s` (since the start, validation included) and `val_s` (the
-        validations' share of it)."""
+        validations' share of it). `replan(trainer, train_s, wall_s)`, with a budget: asked at
+        each log row until it returns a length, which then replaces max_iterations
+        (`set_max_iterations`; `train.budget` measures the run's own steps once)."""
         tc = self.cfg.train
         T = tc.max_iterations
         stop = T if stop_at is None else min(stop_at, T)
@@ -161,13 +165,13 @@ class Trainer:
         fresh = self.iteration == 0 and not self.history and self._resumed_from is None
         lock = self._open_run_folder(fresh)  # collective under DDP; rank 0 holds the lock
         try:
-            return self._train(T, stop, fresh, log_path, time_budget_s)
+            return self._train(T, stop, fresh, log_path, time_budget_s, replan)
         finally:
             if lock is not None:
                 lock.release()
 
     def _train(self, T: int, stop: int, fresh: bool, log_path: Path,
-               time_budget_s: float | None) -> dict[str, Any]:
+               time_budget_s: float | None, replan=None) -> dict[str, Any]:
         tc = self.cfg.train
         main = self.dist.is_main
         acc: dict[str, torch.Tensor] = {}
@@ -232,6 +236,16 @@ class Trainer:
                     if (now - self._wall0 + per_step * tc.log_every + self.last_val_s
                             >= time_budget_s):
                         halt = True
+                    elif replan is not None:
+                        new_T = replan(self, train_s + now - t_last, now - self._wall0)
+                        if new_T is not None:  # once: the run's length from its own steps
+                            replan = None
+                            self.set_max_iterations(new_T)
+                            T = stop = new_T
+                            tc = self.cfg.train
+                            done, halt = self.iteration >= T, self.iteration >= T
+                            if bar is not None:
+                                bar.total = T
                 if self.iteration % tc.log_every == 0 or halt or done:
                     keys, means = window_means(acc, n_key)
                     vals_t = all_reduce_mean(means, self.dist)
@@ -323,6 +337,24 @@ class Trainer:
         d = self.cfg.data
         return (d.labeled_bs + (d.unlabeled_bs if self.cfg.loss.semi_supervised else 0)
                 ) * self.dist.world_size
+
+    def set_max_iterations(self, T: int) -> None:
+        """Change the run's length before copy-paste starts (a time-budget run, `train.budget`):
+        the configuration (and its config.json), the schedules (they read T) and the switch
+        follow; so does `checkpoint_every` when it was the old length."""
+        tc = self.cfg.train
+        every = T if tc.checkpoint_every == tc.max_iterations else tc.checkpoint_every
+        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(
+            tc, max_iterations=T, checkpoint_every=every))
+        if min(T, phase2_start_at(self.cfg), phase2_start_at(cfg)) <= self.iteration:
+            raise ValueError(f"max_iterations {T}: the run is at iteration {self.iteration}; "
+                             "its length can only change before copy-paste starts")
+        self.cfg = cfg
+        self.core.cfg = self.cfg
+        self.scalars.T = T
+        self.core.phase2_start = phase2_start_at(self.cfg)
+        if self.dist.is_main:
+            atomic_write_text(self.out_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
 
     def _method_line(self) -> str:
         lo, T = self.cfg.loss, self.cfg.train.max_iterations
