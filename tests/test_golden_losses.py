@@ -12,6 +12,7 @@ import torch
 from golden import disc_map, golden, one_hot
 from ucseg_fast import losses as L
 from ucseg_fast import pseudo_labels as PL
+from ucseg_fast.config import scaled_iteration
 
 T = 50000
 AU_T = {"t0": 0, "t05": 25000, "t1": 50000}
@@ -200,7 +201,7 @@ def test_sched_table(g):
         f64(k + ".w", S.consistency_weight(t), row["w"])
         # proportional schedules at the reference T are the reference's, bit for bit
         assert S.consistency_weight(t, scale=(T, T)) == S.consistency_weight(t), k
-        assert S.phase(t, S.phase2_start(12000, T, T)) == row["phase"], k
+        assert S.phase(t, scaled_iteration(12000, T, T)) == row["phase"], k
         st = S.ScheduleTensors("cpu", dtype=torch.float64, T=T, T_ref=T, clamp_at_T=False)
         assert st.values(t) == S.ScheduleTensors("cpu", dtype=torch.float64, T=T,
                                                  clamp_at_T=False).values(t), k

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from ucseg_fast.config import scaled_iteration
 from ucseg_fast.train import schedules as S
 
 T = 50000
@@ -77,7 +78,7 @@ def test_proportional_schedules_equal_the_reference_at_its_length():
     prop = S.ScheduleTensors("cpu", T=T, T_ref=T)
     for t in (0, 1, 149, 150, 12000, 29999, 30000, 49999, 50000):
         assert prop.values(t) == ref.values(t), t
-    assert S.phase2_start(12000, T, T) == 12000 and S.phase2_start(6000, T, T) == 6000
+    assert scaled_iteration(12000, T, T) == 12000 and scaled_iteration(6000, T, T) == 6000
 
 
 def test_proportional_schedules_at_300_iterations():
@@ -87,7 +88,7 @@ def test_proportional_schedules_at_300_iterations():
     assert w[180] == full and w[179] < full and all(x == full for x in w[180:])
     assert all(a <= b for a, b in zip(w, w[1:]))  # a ramp: never decreasing
     assert w[0] == S.consistency_weight(0)  # starts where the reference starts
-    assert S.phase2_start(12000, 300, T) == 72
+    assert scaled_iteration(12000, 300, T) == 72
     # the same epochs as the reference run, 300/50000 as long: t=90 ~ reference t=15000
     assert w[90] == S.consistency_weight(15000)
     st = S.ScheduleTensors("cpu", T=300, T_ref=T)
@@ -103,7 +104,7 @@ def test_proportional_schedules_at_300_iterations():
 
 
 def test_proportional_switch_rounds_to_the_nearest_iteration():
-    assert S.phase2_start(12000, 1000, T) == 240
-    assert S.phase2_start(12000, 1, T) == 0  # 0.24 rounds to 0
-    assert S.phase2_start(6000, 1500, 50000) == 180
-    assert S.phase2_start(1, 1, 2) == 1  # 0.5 rounds up
+    assert scaled_iteration(12000, 1000, T) == 240
+    assert scaled_iteration(12000, 1, T) == 0  # 0.24 rounds to 0
+    assert scaled_iteration(6000, 1500, 50000) == 180
+    assert scaled_iteration(1, 1, 2) == 1  # 0.5 rounds up

@@ -15,7 +15,6 @@ is exact whatever the number of workers (0 = decode in the calling thread, no re
 """
 from __future__ import annotations
 
-import base64
 import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import augment_2d
 from .batch import Batch
 from .folders import decode_image
 from .guards import DEFAULT_MAX_IMAGE_PIXELS
 from .prefetch import DecodeAhead
 from .sampler import TwoStreamSampler
-from .stream import _AUGMENT_KEYS, _torch_seed
+from .stream import (_AUGMENT_KEYS, _torch_seed, augmented_batch, check_generator_device,
+                     generator_state, restore_generator, to_device)
 
 __all__ = ["FolderTrainStream"]
 
@@ -166,12 +165,7 @@ class FolderTrainStream:
     def next(self) -> Batch:
         """The next augmented batch, on ``device`` (equal to `TrainStream`'s over the full cache)."""
         lab, unl, imgs = self._draw()
-        bl = len(lab)
-        lab_idx = torch.from_numpy(lab)
-        if self.device.type == "cuda":
-            lab_idx = lab_idx.pin_memory().to(self.device, non_blocking=True)
-        else:
-            lab_idx = lab_idx.to(self.device)
+        lab_idx = to_device(lab, self.device)
         x_l = self.images_NCHW.index_select(0, lab_idx)
         if imgs:
             x_u = torch.from_numpy(np.stack(imgs))
@@ -180,11 +174,7 @@ class FolderTrainStream:
             x = torch.cat([x_l, x_u.to(self.device, non_blocking=True)])
         else:
             x = x_l
-        y = self.labels_NHW.index_select(0, lab_idx)
-        x, y = augment_2d(x, y, self.generator, **self.augment_kwargs)
-        assert y is not None
-        x_BCHW = x.expand(-1, self.channels, -1, -1).contiguous()
-        return Batch(x_l=x_BCHW[:bl], y_l=y.long(), x_u=x_BCHW[bl:])
+        return augmented_batch(self, x, self.labels_NHW.index_select(0, lab_idx))
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -196,25 +186,16 @@ class FolderTrainStream:
     def state_dict(self) -> dict[str, Any]:
         """`TrainStream`'s format, at the next batch `next` returns (batches decoded ahead excluded)."""
         sampler = self._pending[0][0] if self._pending else self.sampler.state_dict()
-        return {
-            "sampler": sampler,
-            "generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii"),
-            "generator_device": self.device.type,
-        }
+        return {"sampler": sampler, **generator_state(self.generator, self.device)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue exactly where `state_dict` was taken (this stream's or `TrainStream`'s)."""
-        if state.get("generator_device") != self.device.type:
-            raise ValueError(
-                f"stream state was saved for a {state.get('generator_device')!r} generator, "
-                f"this stream runs on {self.device.type!r}"
-            )
+        check_generator_device(state, self.device)
         self.sampler.load_state_dict(dict(state["sampler"]))  # first: a refused state changes nothing
         self._pending.clear()
         if self._ahead is not None:
             self._ahead.clear()
-        raw = base64.b64decode(state["generator"])
-        self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        restore_generator(self.generator, state)
 
     def close(self) -> None:
         """Stop the decode threads."""

@@ -164,20 +164,10 @@ class TrainStream:
     def next(self) -> Batch:
         """The next augmented batch, on ``device``; no host sync."""
         lab, unl = next(self.sampler)
-        bl = len(lab)
-        idx = torch.from_numpy(np.concatenate([lab, unl]))
-        if self.device.type == "cuda":
-            # Pinned source -> truly asynchronous copy; the caching host allocator keeps the
-            # buffer alive until the copy has run, so reuse across steps is safe.
-            idx = idx.pin_memory().to(self.device, non_blocking=True)
-        else:
-            idx = idx.to(self.device)
+        idx = to_device(np.concatenate([lab, unl]), self.device)
         x_B1HW = self.images_N1HW.index_select(0, idx)
-        y_BlHW = self.labels_NHW.index_select(0, idx[:bl])
-        x_B1HW, y_BlHW = augment_2d(x_B1HW, y_BlHW, self.generator, **self.augment_kwargs)
-        assert y_BlHW is not None
-        x_BCHW = x_B1HW.expand(-1, self.channels, -1, -1).contiguous()
-        return Batch(x_l=x_BCHW[:bl], y_l=y_BlHW.long(), x_u=x_BCHW[bl:])
+        y_BlHW = self.labels_NHW.index_select(0, idx[:len(lab)])
+        return augmented_batch(self, x_B1HW, y_BlHW)
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -188,19 +178,47 @@ class TrainStream:
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable: sampler position + augmentation generator state."""
-        return {
-            "sampler": self.sampler.state_dict(),
-            "generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii"),
-            "generator_device": self.device.type,
-        }
+        return {"sampler": self.sampler.state_dict(), **generator_state(self.generator, self.device)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue exactly where `state_dict` was taken (same data, same device type)."""
-        if state.get("generator_device") != self.device.type:
-            raise ValueError(
-                f"stream state was saved for a {state.get('generator_device')!r} generator, "
-                f"this stream runs on {self.device.type!r}"
-            )
+        check_generator_device(state, self.device)
         self.sampler.load_state_dict(dict(state["sampler"]))
-        raw = base64.b64decode(state["generator"])
-        self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        restore_generator(self.generator, state)
+
+
+# ---------------------------------------------------------------------- shared by the 2D streams
+def to_device(idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An index array on the training device; on CUDA from pinned memory, so the copy is truly
+    asynchronous (the caching host allocator keeps the buffer alive until it has run)."""
+    t = torch.from_numpy(idx)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def augmented_batch(stream, x_B1HW: torch.Tensor, y_BlHW: torch.Tensor) -> Batch:
+    """The stream's augmentation of [labeled; unlabeled] images and the labeled masks, gray
+    repeated to `stream.channels`, as a `Batch` (labeled first)."""
+    bl = y_BlHW.shape[0]
+    x_B1HW, y_BlHW = augment_2d(x_B1HW, y_BlHW, stream.generator, **stream.augment_kwargs)
+    assert y_BlHW is not None
+    x_BCHW = x_B1HW.expand(-1, stream.channels, -1, -1).contiguous()
+    return Batch(x_l=x_BCHW[:bl], y_l=y_BlHW.long(), x_u=x_BCHW[bl:])
+
+
+def generator_state(generator: torch.Generator, device: torch.device) -> dict[str, str]:
+    """The augmentation generator's state, JSON-serialisable (the streams' checkpoint format)."""
+    return {"generator": base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii"),
+            "generator_device": device.type}
+
+
+def check_generator_device(state: Mapping[str, Any], device: torch.device) -> None:
+    if state.get("generator_device") != device.type:
+        raise ValueError(f"stream state was saved for a {state.get('generator_device')!r} "
+                         f"generator, this stream runs on {device.type!r}")
+
+
+def restore_generator(generator: torch.Generator, state: Mapping[str, Any]) -> None:
+    raw = base64.b64decode(state["generator"])
+    generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))

@@ -1,7 +1,9 @@
 """Per-iteration schedules of UC-Seg (METHOD.md §2.1 λ_t, §2.2 w(t), §2.4 thr(t), §3 lr).
 
 The scalar functions return Python floats computed exactly as the reference computes them
-(golden `sched.table`, all 14 rows, bit for bit).
+(golden `sched.table`, all 14 rows, bit for bit). `ScheduleTensors` holds them as 0-D device
+tensors that are overwritten in place before each step, so a captured CUDA graph, a compiled
+step and a tensor-lr optimizer all see the new values without recapture or recompilation.
 
 Absolute or proportional (`loss.schedules`). The reference counts the consistency ramp and the
 copy-paste switch in absolute iterations (ACDC: w(t) reaches its full value at 30 000, copy-paste
@@ -9,11 +11,10 @@ from 12 000, in a run of T_ref = 50 000), so a shorter run trains with a fractio
 unlabeled weight and no copy-paste. Proportional schedules read every iteration-valued setting
 as a point of the reference run of `loss.reference_iterations` iterations and move it to the
 same fraction of this run's T: the ramp's epoch index is ⌊t·T_ref / (T·epoch_len)⌋ (integer
-arithmetic), the switch round(phase2_start·T / T_ref). At T = T_ref both are the reference's
-exactly; at T = 300 (ACDC) the ramp is full at iteration 180 and copy-paste starts at 72. λ_t,
-the queue-gate threshold and the lr are functions of t/T already and do not change. `ScheduleTensors` holds them as 0-D device
-tensors that are overwritten in place before each step, so a captured CUDA graph, a compiled
-step and a tensor-lr optimizer all see the new values without recapture or recompilation.
+arithmetic), the switch round(phase2_start·T / T_ref) (`config.phase2_start_at`). At T = T_ref
+both are the reference's exactly; at T = 300 (ACDC) the ramp is full at iteration 180 and
+copy-paste starts at 72. λ_t, the queue-gate threshold and the lr are functions of t/T already
+and do not change.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import math
 
 import numpy as np
 import torch
-
-from ..config import scaled_iteration
 
 __all__ = [
     "consistency_weight",
@@ -32,7 +31,6 @@ __all__ = [
     "lr_after_step",
     "lr_at",
     "phase",
-    "phase2_start",
     "ScheduleTensors",
 ]
 
@@ -104,13 +102,6 @@ def phase(t: int, switch: int = 12000) -> int:
     """1 before the copy-paste phase, 2 from iteration `switch` on (2D 12 000, 3D 6 000)."""
     return 2 if t >= switch else 1
 
-
-def phase2_start(switch: int, T: int, T_ref: int | None = None) -> int:
-    """The iteration copy-paste starts at: `switch` (absolute), or round(switch·T / T_ref)
-    (proportional; halves round up, exact integer arithmetic)."""
-    if T_ref is None:
-        return int(switch)
-    return scaled_iteration(switch, T, T_ref)
 
 
 class ScheduleTensors:
