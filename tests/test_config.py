@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_acdc_preset_is_the_reference_recipe():
-    cfg = load_config(REPO / "configs" / "acdc_2d.toml")
+    cfg = load_config("acdc_2d")
     assert cfg == Config()  # the preset spells out the defaults; they must not drift apart
     d, t, lo = cfg.data, cfg.train, cfg.loss
     assert (t.base_lr, t.momentum, t.weight_decay, t.max_iterations) == (0.01, 0.9, 1e-5, 50000)
@@ -22,7 +22,7 @@ def test_acdc_preset_is_the_reference_recipe():
 
 
 def test_demo_preset_loads():
-    cfg = load_config(REPO / "configs" / "demo.toml")
+    cfg = load_config("demo")
     assert cfg.train.max_iterations < 1000 and cfg.data.img_size[0] <= 256
 
 
@@ -80,25 +80,26 @@ def test_config_is_frozen_and_roundtrips():
 
 
 def test_la_preset_is_the_reference_3d_recipe():
-    cfg = load_config(REPO / "configs" / "la_3d.toml")
+    cfg = load_config("la_3d")
     d, lo, m = cfg.data, cfg.loss, cfg.model
     assert (d.img_size, d.labeled_bs, d.unlabeled_bs, d.labeled_patients) == ((96, 96, 96), 2, 2, 8)
     # validation on the last 8 of the 80 train.list cases, never on test.list
     assert (d.num_classes, m.in_channels, m.patch_size, d.val_split) == (2, 1, 16, "val")
     assert d.val_holdout == 8
     assert (d.eval_stride_xy, d.eval_stride_z) == (18, 4)
-    assert (lo.supervision, lo.nms, lo.queue_size, lo.phase2_start) == ("sigmoid", True, 144, 6000)
+    assert (cfg.recipe, cfg.spec.supervision) == ("binary_3d", "sigmoid")
+    assert (lo.nms, lo.queue_size, lo.phase2_start) == (True, 144, 6000)
     assert (lo.gate_base, lo.gate_span, lo.unsup_factor) == (0.2, 0.56, 150.0)
     assert cfg.train.max_iterations == 50000
 
 
 def test_3d_config_errors_name_the_key():
-    base = ["--data.img_size=[32,32,32]", "--data.num_classes=2", "--loss.supervision=sigmoid"]
+    base = ["--recipe=binary_3d", "--data.img_size=[32,32,32]", "--data.num_classes=2"]
     cfg = load_config(None, base + ["--data.labeled_patients=1"])  # any volume count in 3D
     assert cfg.data.img_size == (32, 32, 32) and cfg.data.labeled_patients == 1
     with pytest.raises(ConfigError, match="img_size"):
         load_config(None, ["--data.img_size=[32,32,32,32]"])
-    with pytest.raises(ConfigError, match="data.format must be 'ssl4mis' or 'nifti', got 'folder'"):
+    with pytest.raises(ConfigError, match="reads data.format 'ssl4mis' / 'nifti', got 'folder'"):
         load_config(None, base + ["--data.format=folder"])
     nii = load_config(None, base + ["--data.format=nifti"])  # NIfTI volumes (MSD / nnU-Net)
     assert nii.data.format == "nifti" and nii.data.intensity == "auto"
@@ -115,7 +116,7 @@ def test_3d_config_errors_name_the_key():
         load_config(None, base + ["--data.backend=opencv"])
     with pytest.raises(ConfigError, match="unlabeled_manifest"):
         load_config(None, base + ["--data.unlabeled_manifest=list.txt"])
-    with pytest.raises(ConfigError, match="supervision = 'softmax'"):
+    with pytest.raises(ConfigError, match="recipe 'multiclass_2d' trains 2D data"):
         load_config(None, ["--data.img_size=[32,32,32]", "--data.num_classes=2"])
     with pytest.raises(ConfigError, match="eval_stride"):
         load_config(None, base + ["--data.eval_stride_z=0"])
@@ -127,13 +128,13 @@ def test_3d_config_errors_name_the_key():
 
 def test_apply_overrides_to_a_loaded_config():
     from ucseg_fast.config import apply_overrides
-    base = load_config(REPO / "configs" / "acdc_2d.toml")
+    base = load_config("acdc_2d")
     assert apply_overrides(base, []) is base
     cfg = apply_overrides(base, ["model.upg_head='fused'", "--data.img_size=[64,64]",
                                  "train.amp=none"])
     assert (cfg.model.upg_head, cfg.data.img_size, cfg.train.amp) == ("fused", (64, 64), "none")
     assert cfg.loss == base.loss and cfg.data.root == base.data.root  # the rest kept
-    assert cfg == load_config(REPO / "configs" / "acdc_2d.toml", ["model.upg_head='fused'",
+    assert cfg == load_config("acdc_2d", ["model.upg_head='fused'",
                                                          "data.img_size=[64,64]", "train.amp=none"]
                               ) and base.model.upg_head == "auto"
     with pytest.raises(ConfigError, match="upg_head"):
@@ -143,7 +144,9 @@ def test_apply_overrides_to_a_loaded_config():
 
 
 def test_every_preset_and_the_defaults_validate():
-    for preset in sorted((REPO / "configs").glob("*.toml")):
+    from ucseg_fast.config import preset_names
+    assert set(preset_names()) >= {"acdc_2d", "binary_2d", "la_3d", "demo"}
+    for preset in preset_names():
         load_config(preset)
     load_config(None)
 
@@ -193,13 +196,13 @@ def test_copy_paste_needs_equal_batch_sizes():
     cfg = load_config(None, ["--data.unlabeled_bs=8", "--loss.phase2_start=50000"])
     assert (cfg.data.labeled_bs, cfg.data.unlabeled_bs) == (12, 8)
     with pytest.raises(ConfigError, match="from iteration 299 < train.max_iterations = 300"):
-        load_config(REPO / "configs" / "demo.toml", ["--data.unlabeled_bs=2",
+        load_config("demo", ["--data.unlabeled_bs=2",
                                                      "--loss.phase2_start=299",
                                                      "--loss.schedules=absolute"])
     # proportional schedules: the switch of the reference run, moved into this one
     with pytest.raises(ConfigError, match=r"from iteration 72 < .* >= loss.reference_iterations"):
-        load_config(REPO / "configs" / "demo.toml", ["--data.unlabeled_bs=2"])
-    cfg = load_config(REPO / "configs" / "demo.toml", ["--data.unlabeled_bs=2",
+        load_config("demo", ["--data.unlabeled_bs=2"])
+    cfg = load_config("demo", ["--data.unlabeled_bs=2",
                                                         "--loss.phase2_start=50000"])
     assert cfg.data.unlabeled_bs == 2
     # the supervised baseline has no copy-paste
