@@ -3,7 +3,6 @@ figures, `bench e2e` curves of several runs on one plot."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def root(tmp_path_factory):
 
 
 def tiny(root, out, *extra):
-    return ["--config", str(REPO / "configs" / "demo.toml"), f"--data.root='{root}'",
+    return ["--config", "demo", f"--data.root='{root}'",
             "--data.img_size=[32,32]", "--data.labeled_bs=1", "--data.unlabeled_bs=1",
             "--data.labeled_patients=3", "--loss.queue_size=16", "--train.max_val_volumes=1",
             "--train.progress=false", f"--train.out_dir='{out}'", *extra]
@@ -36,7 +35,7 @@ def rows(out: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------- planning
 def test_plan_fills_the_budget_with_steps_and_a_bounded_share_of_validation():
-    cfg = load_config(REPO / "configs" / "demo.toml")
+    cfg = load_config("demo")
     probe = {"build_s": 5.0, "step1_s": 0.1, "step2_s": 0.2, "val_s": 2.0}
     new, plan = plan_run(cfg, 600.0, probe, elapsed_s=15.0)
     T, f2 = plan["max_iterations"], 1 - 12000 / 50000
@@ -55,14 +54,14 @@ def test_plan_fills_the_budget_with_steps_and_a_bounded_share_of_validation():
 
 
 def test_plan_of_the_supervised_baseline_has_no_phase_2():
-    cfg = load_config(REPO / "configs" / "demo.toml", ["--loss.semi_supervised=false"])
+    cfg = load_config("demo", ["--loss.semi_supervised=false"])
     _, plan = plan_run(cfg, 60.0, {"build_s": 1.0, "step1_s": 0.1, "step2_s": 9.0,
                                    "val_s": 0.5}, elapsed_s=3.0)
     assert plan["phase2_fraction"] == 0.0 and plan["step_s"] == 0.1
 
 
 def test_a_budget_too_small_is_one_line_naming_the_times():
-    cfg = load_config(REPO / "configs" / "demo.toml")
+    cfg = load_config("demo")
     with pytest.raises(BudgetError) as e:
         plan_run(cfg, 10.0, {"build_s": 4.0, "step1_s": 1.0, "step2_s": 1.0, "val_s": 5.0},
                  elapsed_s=6.0)
@@ -71,7 +70,7 @@ def test_a_budget_too_small_is_one_line_naming_the_times():
 
 
 def test_demo_preset_trains_the_whole_method():
-    cfg = load_config(REPO / "configs" / "demo.toml")
+    cfg = load_config("demo")
     from ucseg_fast.train.schedules import ScheduleTensors
     T = cfg.train.max_iterations
     assert cfg.loss.schedules == "proportional" and T == 300
@@ -139,14 +138,11 @@ def test_bench_e2e_plots_several_runs_on_one_figure(root, tmp_path, capsys):
 
 
 def test_demo_ends_with_its_figures(tmp_path, monkeypatch, capsys):
-    import ucseg_fast.cli as cli
+    # the demo works in the current directory: its synthetic set in runs/synthetic_acdc
+    # (written here smaller than the demo's own), its run in runs/demo
     from ucseg_fast.data.synthetic import write_synthetic_acdc
-    repo = tmp_path / "repo"
-    (repo / "configs").mkdir(parents=True)
-    shutil.copy(REPO / "configs" / "demo.toml", repo / "configs" / "demo.toml")
-    write_synthetic_acdc(repo / "runs" / "synthetic_acdc", n_train_patients=4,
+    write_synthetic_acdc(tmp_path / "runs" / "synthetic_acdc", n_train_patients=4,
                          slices_per_volume=4, n_val=1, n_test=0, size=(48, 48), seed=2)
-    monkeypatch.setattr(cli, "REPO", repo)
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--data.img_size=[32,32]", "--data.labeled_bs=1",
                  "--data.unlabeled_bs=1", "--data.labeled_patients=3", "--loss.queue_size=16",

@@ -113,7 +113,7 @@ def test_step_batchnorm_matches_batchnorm_and_counts_once():
 
 def test_step_terms_accumulate_with_one_op():
     from ucseg_fast.train.objective import StepTerms
-    from ucseg_fast.train.trainer import accumulate_terms, window_means
+    from ucseg_fast.train.logbook import accumulate_terms, window_means
     acc, n = {}, {}
     p1 = StepTerms(("a", "_pad", "b"), torch.tensor([1.0, 9.0, 2.0]))
     p2 = StepTerms(("a", "_pad", "b", "c"), torch.tensor([3.0, 9.0, 4.0, 5.0]))

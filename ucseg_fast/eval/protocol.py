@@ -2,16 +2,16 @@
 
 Training-time validation and `ucseg-fast eval` call the same two functions, so a checkpoint
 is scored the same way wherever it is scored:
-- SSL4MIS HDF5 and NIfTI volumes: slice-wise inference (METHOD.md §4, ACDC), per-class Dice
+- SSL4MIS HDF5 and NIfTI volumes: slice-wise inference (docs/method.md §4, ACDC), per-class Dice
   (validation) or Dice / Jaccard / HD95 / ASD (evaluation) over classes 1..C-1;
 - image folders: per-image inference at `img_size`, Dice / Jaccard per image (the 2D-generic
   protocol), mean over images;
-- 3D (`data.img_size` of 3 values, SSL4MIS / UA-MT or NIfTI volumes [X, Y, Z] as stored):
+- 3D (recipe "binary_3d", SSL4MIS / UA-MT or NIfTI volumes [X, Y, Z] as stored):
   sliding windows of `img_size` with strides `data.eval_stride_xy` / `eval_stride_z`, mean
   σ(P)[:, 1] > 0.5, the largest 26-connected component, Dice / Jaccard / HD95 / ASD of the
-  foreground per case (METHOD.md §4; NIfTI items carry the header spacing (x, y, z), so
+  foreground per case (docs/method.md §4; NIfTI items carry the header spacing (x, y, z), so
   distances are in its units, voxels for the HDF5 volumes);
-- `loss.supervision = "sigmoid"`: the prediction is σ(P)[:, 1] > 0.5, otherwise argmax.
+- binary recipes: the prediction is σ(P)[:, 1] > 0.5, otherwise argmax.
 
 Which volumes: split "val" is `<root>/val.list`, except for 3D SSL4MIS / UA-MT volumes with
 `data.val_holdout = k > 0`, where it is the last k lines of train.list (which then do not train);
@@ -31,8 +31,8 @@ PredictFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def is_3d(cfg) -> bool:
-    """True for the 3D recipe (a 3-value `data.img_size`: volumes, 3D subnets)."""
-    return len(cfg.data.img_size) == 3
+    """True for a 3D recipe (volumes, 3D subnets: `cfg.spec.dims`)."""
+    return cfg.spec.dims == 3
 
 
 def open_dataset(cfg) -> Any:
@@ -49,7 +49,8 @@ def open_dataset(cfg) -> Any:
                              val_holdout=dc.val_holdout)
     if dc.format == "folder":
         from ..data.folders import FolderDataset
-        return FolderDataset(dc.root, num_classes=dc.num_classes, mask_mode=dc.mask_mode)
+        return FolderDataset(dc.root, num_classes=dc.num_classes, mask_mode=dc.mask_mode,
+                             max_image_pixels=dc.max_image_pixels)
     from ..data.ssl4mis import SSL4MISDataset
     return SSL4MISDataset(dc.root, num_classes=dc.num_classes)
 
@@ -107,7 +108,7 @@ def evaluate(cfg, predict_fn: PredictFn, items: list[tuple[Any, ...]], *,
              mode: str = "medpy", save_dir: str | None = None
              ) -> EvaluationResult | ImageEvaluation:
     """Score `items` with the protocol of `cfg` (see the module docstring)."""
-    binary = cfg.loss.supervision == "sigmoid"
+    binary = cfg.spec.binary
     img_size = tuple(cfg.data.img_size)
     if is_3d(cfg):
         from .sliding_window import evaluate_cases_3d

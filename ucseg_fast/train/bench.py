@@ -56,28 +56,23 @@ def synthetic_batch_3d(labeled_bs: int, unlabeled_bs: int, img: int, device: tor
 
 
 def step_config(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4, nms: bool = True,
-                mode: str = "eager", compile_mode: str = "default",
-                compile_backend: str = "inductor", dims: int = 2, fused: bool | str = False):
-    """The Config of `bench step`: the ACDC recipe (the dataclass defaults) or, ``dims=3``, the
-    LA recipe (`configs/la_3d.toml`'s values), at the given batch / size / options."""
-    from ..config import Config, apply_overrides
+                mode: str = "eager", compile_mode: str = "default", dims: int = 2,
+                fused: bool | str = False):
+    """The Config of `bench step`: the `acdc_2d` preset or, ``dims=3``, the `la_3d` preset, at
+    the given batch / size / options (the step's torch.compile backend is `build_step`'s)."""
+    from ..config import load_config
     if dims not in (2, 3):
         raise ValueError(f"build_step: dims must be 2 or 3, got {dims}")
     f = "true" if fused is True else ("false" if fused is False else '"auto"')
     ov = [f"--data.labeled_bs={labeled_bs}", f"--data.unlabeled_bs={labeled_bs}",
           f"--loss.nms={'true' if nms else 'false'}", f"--train.step_mode={mode}",
-          f"--train.compile_mode={compile_mode}", f"--train.compile_backend={compile_backend}",
-          f"--loss.fused_losses={f}"]
+          f"--train.compile_mode={compile_mode}", f"--loss.fused_losses={f}"]
     op = "fused" if fused is True else ("torch" if fused is False else "auto")
     ov += [f"--model.uncertainty={op}", f"--model.upg_head={op}"]
     if dims == 3:
-        ov += [f"--data.img_size=[{img},{img},{img}]", "--data.num_classes=2",
-               "--model.in_channels=1", "--loss.supervision=sigmoid", "--loss.queue_size=144",
-               "--loss.gate_base=0.2", "--loss.gate_span=0.56", "--loss.phase2_start=6000",
-               "--name=la_3d"]
-    else:
-        ov += [f"--data.img_size=[{img},{img}]", f"--data.num_classes={num_classes}"]
-    return apply_overrides(Config(), ov)
+        return load_config("la_3d", ov + [f"--data.img_size=[{img},{img},{img}]"])
+    return load_config("acdc_2d", ov + [f"--data.img_size=[{img},{img}]",
+                                        f"--data.num_classes={num_classes}"])
 
 
 def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
@@ -91,17 +86,13 @@ def build_step(*, labeled_bs: int = 12, img: int = 256, num_classes: int = 4,
     ``fused``: True = the fused ops (evidential uncertainty, UPG head, losses and predictions),
     False = the PyTorch modules, "auto" = what the configuration's default picks (fused on
     CUDA)."""
-    from .trainer import build_step_core
+    from .core import build_step_core
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
                        else device)
     cfg = step_config(labeled_bs=labeled_bs, img=img, num_classes=num_classes, nms=nms, mode=mode,
-                      compile_mode=compile_mode, compile_backend=compile_backend, dims=dims,
-                      fused=fused)
-    if mode == "graph":
-        from .step import check_graph_capturable
-        check_graph_capturable(nms=nms, device=dev, world_size=1, optimizer="foreach")
+                      compile_mode=compile_mode, dims=dims, fused=fused)
     torch.manual_seed(0)
-    core = build_step_core(cfg, dev)
+    core = build_step_core(cfg, dev, compile_backend=compile_backend)
     t = cfg.loss.phase2_start + 1000 if phase2 else 3000
 
     def step(batch) -> torch.Tensor:

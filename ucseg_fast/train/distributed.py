@@ -1,4 +1,4 @@
-"""Data-parallel training with `torchrun` + `torch.distributed` (DESIGN.md §4: no home-made
+"""Data-parallel training with `torchrun` + `torch.distributed` (docs/design.md §4: no home-made
 distribution).
 
 `torchrun --nproc_per_node N -m ucseg_fast.cli train ...` sets RANK / WORLD_SIZE / LOCAL_RANK /

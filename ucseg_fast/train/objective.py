@@ -1,4 +1,4 @@
-"""The UC-Seg training objective of one step (METHOD.md §2.2, §2.3, golden README item 7).
+"""The UC-Seg training objective of one step (docs/method.md §2.2, §2.3, docs/golden.md §6 (Objectives, item 7)).
 
 `UCSegObjective` owns the CCP memory queues and turns one batch into the total loss:
 one forward of the UC-Seg pair on labeled + unlabeled images, the supervised, pseudo-label,
@@ -21,7 +21,7 @@ The step is written to launch few kernels (the ledger, `ucseg-fast bench ledger`
   L_1, L_2, L) is one matrix-vector product with coefficients that depend on w(t), so the
   logged terms come back as one tensor (`StepTerms`) that the trainer accumulates with one add.
 
-`supervision` picks the reference trainer whose loss family is reproduced (METHOD.md §2):
+`supervision` picks the reference trainer whose loss family is reproduced (docs/method.md §2):
 "softmax" = the ACDC trainer (CE, softmax Dice, argmax pseudo-labels); "sigmoid" = the
 2D-generic / 3D trainers (binary, C = 2: BCE on the 2-channel one-hot, σ Dice, AU on the same
 logits, pseudo-label [σ(P_c) > 0.5] per channel (with `nms`: the 3D rule [σ(P_1) ≥ 0.5] +
@@ -90,7 +90,7 @@ class StepTerms(Mapping):
 
 
 # Derived terms: name -> {term: coefficient, ("w", term): coefficient·w(t)}; `lc`, `lp` are
-# the CCP weights (embed_c_factor, embed_p_factor). Phase 1 (METHOD.md §2.2) and phase 2 (§2.3).
+# the CCP weights (embed_c_factor, embed_p_factor). Phase 1 (docs/method.md §2.2) and phase 2 (§2.3).
 def _derived(phase2: bool, lc: float, lp: float, semi: bool = True) -> dict[str, dict]:
     d: dict[str, dict] = {}
     if not semi:  # the supervised baseline: L = ½(Lsup_1 + Lsup_2) + Lpseudo (labeled P terms)
@@ -170,6 +170,20 @@ class UCSegObjective(nn.Module):
                        temperature=contrast_temperature, pointer=queue_pointer,
                        queue_init=queue_init) if ccp else None
         self._consts: dict = {}
+
+    @classmethod
+    def from_config(cls, cfg) -> "UCSegObjective":
+        """The objective of a configuration: its [loss] and [reference] sections, the class
+        count of [data] and the supervision of its recipe ("auto" fused losses must have been
+        resolved for the device: `train.recipe.resolve_ops`)."""
+        lc, ref = cfg.loss, cfg.reference
+        return cls(cfg.data.num_classes, pseudo_mode=lc.pseudo_mode, nms=lc.nms,
+                   embed_c_factor=lc.embed_c_factor, embed_p_factor=lc.embed_p_factor,
+                   ccp=lc.ccp, queue_size=lc.queue_size,
+                   contrast_temperature=lc.contrast_temperature,
+                   queue_pointer=ref.queue_pointer, queue_init=ref.queue_init,
+                   queue_gate=ref.queue_gate, supervision=cfg.spec.supervision,
+                   fused_losses=lc.fused_losses, semi_supervised=lc.semi_supervised)
 
     # ------------------------------------------------------------------------------------
     def _prob(self, z: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Per-iteration schedules of UC-Seg (METHOD.md §2.1 λ_t, §2.2 w(t), §2.4 thr(t), §3 lr).
+"""Per-iteration schedules of UC-Seg (docs/method.md §2.1 λ_t, §2.2 w(t), §2.4 thr(t), §3 lr).
 
 The scalar functions return Python floats computed exactly as the reference computes them
 (golden `sched.table`, all 14 rows, bit for bit). `ScheduleTensors` holds them as 0-D device
@@ -112,6 +112,17 @@ class ScheduleTensors:
     with `fill_` (one tiny kernel each, no host sync, same storage), so a CUDA graph captured
     with these tensors replays with the new values.
     """
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device | str = "cpu") -> "ScheduleTensors":
+        """The schedules of a configuration ([train] base_lr, max_iterations; [loss] ramp,
+        gate and proportional-schedule keys)."""
+        tc, lc = cfg.train, cfg.loss
+        return cls(device, base_lr=tc.base_lr, T=tc.max_iterations, consistency=lc.consistency,
+                   rampup=lc.consistency_rampup, unsup_factor=lc.unsup_factor,
+                   epoch_len=lc.rampup_epoch_len, thr_base=lc.gate_base,
+                   thr_span=lc.gate_span, confidence_threshold=lc.confidence_threshold,
+                   T_ref=lc.reference_iterations if lc.schedules == "proportional" else None)
 
     def __init__(
         self,

@@ -45,6 +45,8 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..config import ConfigError
+
 __all__ = ["StepRunner", "foreach_sgd_step", "check_graph_capturable", "resolve_step_mode",
            "apex_fused_sgd"]
 
@@ -99,26 +101,26 @@ def foreach_sgd_step(optimizer: torch.optim.SGD, lr: Tensor) -> None:
 
 def check_graph_capturable(*, nms: bool, device: torch.device, world_size: int,
                            optimizer: str, compile_mode: str | None = None) -> None:
-    """Raise ValueError naming the option when a configuration cannot be one CUDA graph.
+    """Raise ConfigError naming the option when a configuration cannot be one CUDA graph.
     With `compile_mode` (a torch.compile mode that captures CUDA graphs) only what breaks a
     capture inside the compiled forward is checked: the connected components."""
     if device.type != "cuda":
         return  # graph mode falls back to eager off CUDA (with a warning)
     if compile_mode is not None:
         if nms and not _sync_free_components(device):
-            raise ValueError(f"train.compile_mode = {compile_mode!r} captures CUDA graphs, and "
+            raise ConfigError(f"train.compile_mode = {compile_mode!r} captures CUDA graphs, and "
                              "loss.nms = true would take the PyTorch connected components, "
                              "which sync with the host: pip install triton or make native, or "
                              "use compile_mode 'default' / 'max-autotune-no-cudagraphs'")
         return
     if world_size > 1:
-        raise ValueError("train.step_mode = 'graph' is not supported with DDP (world size "
+        raise ConfigError("train.step_mode = 'graph' is not supported with DDP (world size "
                          f"{world_size}): use step_mode 'compile' or 'eager' for multi-GPU runs")
     if optimizer == "apex":
-        raise ValueError("train.step_mode = 'graph' cannot capture train.optimizer = 'apex' "
+        raise ConfigError("train.step_mode = 'graph' cannot capture train.optimizer = 'apex' "
                          "(FusedSGD reads lr as a host float); use 'foreach' or 'fused'")
     if nms and not _sync_free_components(device):
-        raise ValueError("train.step_mode = 'graph' with loss.nms = true needs sync-free "
+        raise ConfigError("train.step_mode = 'graph' with loss.nms = true needs sync-free "
                          "connected components on the GPU: Triton (pip install triton) or the "
                          "native library (make native); the PyTorch fallback syncs to check "
                          "convergence. Or set loss.nms = false")
