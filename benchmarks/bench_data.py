@@ -159,17 +159,15 @@ def test_jpeg_torch_cache(benchmark, provenance, sizes, augment, jpeg_folder):
     x_u, _ = FolderDataset(jpeg_folder, num_classes=2).load_split("unlabeled", sizes["img"], with_labels=False)
     x = torch.cat([x_l, x_u])
     y = torch.cat([y_l, torch.zeros((x_u.shape[0], *sizes["img"]), dtype=y_l.dtype)])
-    s = TrainStream.from_tensors(x[:, 0], y, n_labeled=x_l.shape[0], labeled_bs=sizes["bl"],
+    s = TrainStream.from_tensors(x, y, n_labeled=x_l.shape[0], labeled_bs=sizes["bl"],  # RGB
                                  unlabeled_bs=sizes["bu"], seed=0, device=_device(), augment=augment)
-    s.images_N1HW = x.to(s.device).contiguous()  # RGB cache, as the factory builds it
     _run(benchmark, provenance, s, sizes, "torch_cache", "jpeg", 3)
 
 
 def test_jpeg_torch_manifest_cpu_decode(benchmark, provenance, sizes, augment, jpeg_folder, tmp_path):
     x_l, y_l = _labeled_cache(jpeg_folder, sizes)
-    lab = TrainStream.from_tensors(x_l[:, 0], y_l, n_labeled=x_l.shape[0], labeled_bs=sizes["bl"],
+    lab = TrainStream.from_tensors(x_l, y_l, n_labeled=x_l.shape[0], labeled_bs=sizes["bl"],
                                    unlabeled_bs=0, seed=0, device=_device(), augment=augment)
-    lab.images_N1HW = x_l.to(lab.device).contiguous()
     man = tmp_path / "unlabeled.txt"
     man.write_text("".join(f"{p}\n" for p in sorted((jpeg_folder / "unlabeled" / "image").iterdir())))
     ms = ManifestStream(man, size=sizes["img"], channels=3, decode_workers=2)

@@ -1,17 +1,18 @@
-"""Data: the `Batch` contract, SSL4MIS HDF5 reading (2D slices, 3D volumes), two-stream sampling,
-GPU augmentation, the 3D volume stream; `guards` (path checks, the pixel cap, resume identity)
-and `prefetch` (ordered decoding threads).
+"""Data: the `Batch` contract, the `Stream` contract every training stream implements (`base`),
+SSL4MIS HDF5 reading (2D slices, 3D volumes), two-stream sampling, GPU augmentation, the 2D and
+3D streams (`factory.build_train_stream` picks one); `errors` (`DataError`), `guards` (path
+checks, the pixel cap, resume identity) and `prefetch` (ordered decoding threads).
 
 Nothing here touches CUDA at import time.
 """
 from .augment import AugmentParams, apply_params, augment_2d, draw_params
 from .augment3d import RotFlipCrop, draw_rot_flip_crop, rot_flip_crop
+from .base import BatchStream, Identity, Stream
 from .batch import Batch
-from .guards import DataPathError
+from .errors import DataError, DataPathError
 from .sampler import TwoStreamSampler
 from .ssl4mis import (
     LABELED_SLICES,
-    DataError,
     SSL4MISDataset,
     cv2_nearest_indices,
     labeled_slice_count,
@@ -27,10 +28,13 @@ __all__ = [
     "LABELED_SLICES",
     "AugmentParams",
     "Batch",
+    "BatchStream",
     "DataError",
     "DataPathError",
+    "Identity",
     "RotFlipCrop",
     "SSL4MISDataset",
+    "Stream",
     "TrainStream",
     "TwoStreamSampler",
     "VolumeDataset",

@@ -1,6 +1,6 @@
 """The reference's 3D augmentation, ``RandomRotFlip`` then ``RandomCrop(patch)``, computed on the patch only.
 
-Reference (UA-MT / SSL4MIS ``la_heart.py``, METHOD.md §3), per sample, numpy::
+Reference (UA-MT / SSL4MIS ``la_heart.py``, docs/method.md §3), per sample, numpy::
 
     k = randint(0, 4);   image = rot90(image, k)          # plane of axes (0, 1)
     a = randint(0, 2);   image = flip(image, axis=a)      # always applied

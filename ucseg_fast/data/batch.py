@@ -3,7 +3,7 @@
 A training step consumes labeled images, their label maps and unlabeled images with fixed
 shapes. Every backend (torch/GPU augmentation, DALI, CPU fallback, the 3D volume stream)
 produces exactly this, so the step body can be captured once and fed by copying into static
-buffers. Spatial shape ``S`` is ``(H, W)`` in 2D and ``(X, Y, Z)`` for 3D patches (METHOD.md §3).
+buffers. Spatial shape ``S`` is ``(H, W)`` in 2D and ``(X, Y, Z)`` for 3D patches (docs/method.md §3).
 """
 from __future__ import annotations
 

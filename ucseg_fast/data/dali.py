@@ -48,11 +48,7 @@ consumed: resume is exact (the post-stage's parameters are redrawn from that sta
 """
 from __future__ import annotations
 
-import base64
-import dataclasses
-import math
-import threading
-from collections import deque
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,11 +57,14 @@ import numpy as np
 import torch
 
 from .augment import AugmentParams, apply_stages, draw_params
+from .base import Identity, Stream, decode_generator, encode_generator, torch_seed
 from .batch import Batch
-from .guards import DEFAULT_MAX_IMAGE_PIXELS, DataError, check_file, check_pixels
+from .dali_pipeline import Runner, SnapshotSource, nearest_resize_matrix, post_params_to, ssr_matrices
+from .errors import DataError
+from .guards import DEFAULT_MAX_IMAGE_PIXELS, check_file, check_pixels
 from .manifest import ManifestStream
 from .sampler import TwoStreamSampler
-from .stream import _AUGMENT_KEYS, _torch_seed
+from .stream import check_augment
 
 __all__ = ["DaliTrainStream", "dali_unavailable_reason", "nearest_resize_matrix", "ssr_matrices"]
 
@@ -80,84 +79,8 @@ def dali_unavailable_reason() -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------- matrices
-def ssr_matrices(p: AugmentParams, height: int, width: int) -> np.ndarray:
-    """``[B, 2, 3]`` float32 destination->source matrices of the shift-scale-rotate stage in
-    DALI's convention (``[0, 0]`` = corner of the first pixel), equal to `augment`'s map.
-
-    torch/OpenCV (pixel centres at integers): ``src = A (dst - c - t) + c`` with
-    ``A = R(-angle) / scale``, ``c = ((W-1)/2, (H-1)/2)``. With corner coordinates
-    (``+0.5``) the centre becomes ``c' = (W/2, H/2)``: ``src' = A dst' + c' - A (c' + t)``.
-    """
-    on = p.ssr_on.numpy()
-    ang = np.where(on, p.angle_deg.double().numpy(), 0.0) * (math.pi / 180.0)
-    scale = np.where(on, p.scale.double().numpy(), 1.0)
-    tx = np.where(on, p.shift_x.double().numpy() * width, 0.0)
-    ty = np.where(on, p.shift_y.double().numpy() * height, 0.0)
-    cos, sin = np.cos(ang) / scale, np.sin(ang) / scale
-    cx, cy = width / 2.0, height / 2.0
-    m = np.empty((len(on), 2, 3), np.float64)
-    m[:, 0, 0], m[:, 0, 1] = cos, -sin
-    m[:, 1, 0], m[:, 1, 1] = sin, cos
-    m[:, 0, 2] = cx - (cos * (cx + tx) - sin * (cy + ty))
-    m[:, 1, 2] = cy - (sin * (cx + tx) + cos * (cy + ty))
-    return m.astype(np.float32)
-
-
-def nearest_resize_matrix(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
-    """``[2, 3]`` matrix for ``warp_affine(interp NN)`` reproducing `cv2_nearest_indices`:
-    destination pixel ``i`` (centre ``i + 0.5``) maps to ``i * src / dst``, which lies in source pixel
-    ``floor(i * src / dst)`` (DALI NN picks the pixel containing the point). A 1e-4 px nudge
-    keeps exact integers from rounding down in float32 (harmless below 10^4 px)."""
-    fy = 1.0 / (float(dst_hw[0]) / float(src_hw[0]))
-    fx = 1.0 / (float(dst_hw[1]) / float(src_hw[1]))
-    return np.array([[fx, 0.0, -0.5 * fx + 1e-4], [0.0, fy, -0.5 * fy + 1e-4]], np.float32)
-
-
-# Fields the post-stage (distortion + dropout) reads; only these travel to the training device.
-_POST_FIELDS = ("distort_on", "use_grid", "steps_x", "steps_y", "elastic_noise", "dropout_on", "n_holes",
-                "hole_y", "hole_x")
-
-
-def _post_params_to(p: AugmentParams, device: torch.device) -> AugmentParams:
-    if device.type == "cpu":
-        return p
-    moved = {k: getattr(p, k).to(device, non_blocking=True) for k in _POST_FIELDS if getattr(p, k) is not None}
-    return dataclasses.replace(p, **moved)
-
-
 # ---------------------------------------------------------------------------- sources
-class _SnapshotSource:
-    """Host-side producer of one pipeline's inputs (the ``fn.external_source`` callable); its
-    state is snapshotted per batch. Subclasses: `snapshot`, `restore`, `draw` (also the 3D
-    backend, `dali3d`)."""
-
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-        # One entry per batch handed to DALI and not yet returned by `_Runner.next`, oldest first:
-        # (resume snapshot taken before it was drawn, what `draw` returned beside the data: the
-        # AugmentParams for the 2D post-stage).
-        self.pending: deque[tuple[dict[str, Any], Any]] = deque()
-        self.lock = threading.Lock()
-
-    def snapshot(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        raise NotImplementedError
-
-    def draw(self) -> tuple[tuple[list[np.ndarray], ...], Any]:
-        raise NotImplementedError
-
-    def __call__(self) -> tuple[list[np.ndarray], ...]:
-        with self.lock:
-            snap = self.snapshot()
-            out, p = self.draw()
-            self.pending.append((snap, p))
-            return out
-
-
-class _Source(_SnapshotSource):
+class _Source(SnapshotSource):
     """2D producer: parameters from one `draw_params` call per batch on a CPU torch generator."""
 
     def __init__(self, batch: int, img_size: tuple[int, int], seed: int, rank: int, aug: dict[str, Any]) -> None:
@@ -165,7 +88,7 @@ class _Source(_SnapshotSource):
         self.h, self.w = img_size
         self.aug = aug
         self.generator = torch.Generator()
-        self.generator.manual_seed(_torch_seed(seed, rank))
+        self.generator.manual_seed(torch_seed(seed, rank))
 
     def _params(self, b: int) -> tuple[tuple[list[np.ndarray], ...], AugmentParams]:
         """DALI's per-sample flip flags and SSR matrices, and the whole `AugmentParams` (one draw)."""
@@ -177,10 +100,10 @@ class _Source(_SnapshotSource):
         return ([np.int32(v) for v in hf], [np.int32(v) for v in vf], list(m)), p
 
     def _gen_state(self) -> str:
-        return base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii")
+        return encode_generator(self.generator)
 
     def _set_gen_state(self, s: str) -> None:
-        self.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8))
+        decode_generator(self.generator, s)
 
 
 class _CacheSource(_Source):
@@ -313,45 +236,7 @@ def _build(kind: str, source: _Source, *, device_id: int | None, channels: int, 
     return pipe()
 
 
-class _Runner:
-    """One DALI pipeline + iterator, built lazily (and rebuilt after a resume).
-
-    ``build(source, **build_kw)`` makes the pipeline (default: `_build` of ``kind``), whose
-    outputs are ``names`` (default: ``x, y`` for ``array``, ``x`` for ``encoded``)."""
-
-    def __init__(self, kind: str, source: _SnapshotSource, *, build: Any = None,
-                 names: Sequence[str] | None = None, **build_kw: Any) -> None:
-        self.kind, self.source, self.build_kw = kind, source, build_kw
-        self.build = build if build is not None else (lambda src, **kw: _build(kind, src, **kw))
-        self.names = list(names) if names is not None else (["x", "y"] if kind == "array" else ["x"])
-        self.iterator = None
-
-    def next(self) -> tuple[list[torch.Tensor], Any]:
-        """The next DALI batch and the parameters it was drawn with."""
-        if self.iterator is None:
-            from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-            pipe = self.build(self.source, **self.build_kw)
-            # size=-1: the external source never ends; prefetching is accounted for by `pending`.
-            self.iterator = DALIGenericIterator([pipe], self.names, size=-1, auto_reset=False)
-        out = next(self.iterator)[0]
-        with self.source.lock:
-            # DALI returns batches in the order the source produced them: the oldest entry is this one.
-            _, params = self.source.pending.popleft()
-        return [out[n] for n in self.names], params
-
-    def state(self) -> dict[str, Any]:
-        with self.source.lock:
-            return self.source.pending[0][0] if self.source.pending else self.source.snapshot()
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        with self.source.lock:
-            self.source.restore(state)  # first: a rejected state leaves the runner as it was
-            self.source.pending.clear()
-        self.iterator = None  # drop prefetched batches; the next call rebuilds the pipeline
-
-
-class DaliTrainStream:
+class DaliTrainStream(Stream):
     """DALI twin of `TrainStream`: same constructor data, same `Batch`, same resume protocol.
 
     Args:
@@ -364,13 +249,14 @@ class DaliTrainStream:
         unlabeled_files: PNG/JPEG files decoded by DALI (``mixed`` on a GPU) as the unlabeled stream.
         unlabeled_manifest: a `ManifestStream` (already sharded) as the unlabeled stream; its bad
             files are skipped and counted (`skipped_files`; the count includes batches DALI has
-            prefetched).
+            prefetched). `close` closes it.
         device: training device; CUDA -> GPU operators on that device, CPU -> ``device_id=None``.
         augment: `augment_2d` keyword arguments (all applied: distortion and dropout in the
             torch post-stage).
         channels: output channels (gray is repeated, as `TrainStream`).
         max_image_pixels: unlabeled files above this many pixels are refused from their header
             (an error for ``unlabeled_files``, skipped and counted for a manifest).
+        identity: resume identity (`base.Identity`, `set_identity`).
     """
 
     def __init__(
@@ -391,14 +277,12 @@ class DaliTrainStream:
         channels: int = 3,
         num_threads: int = 2,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        identity: Identity | None = None,
     ) -> None:
         reason = dali_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"data.backend = 'dali': {reason}")
-        unknown = set(augment or {}) - _AUGMENT_KEYS
-        if unknown:
-            raise TypeError(f"unknown augmentation option(s) {sorted(unknown)}; known: {sorted(_AUGMENT_KEYS)}")
-        aug = dict(augment or {})
+        aug = check_augment(augment)
         # draw_params takes every key but elastic_alpha (the post-stage's field amplitude).
         self._elastic = dict(elastic_alpha=float(aug.pop("elastic_alpha", 1.0)),
                              elastic_sigma=float(aug.get("elastic_sigma", 50.0)))
@@ -412,13 +296,12 @@ class DaliTrainStream:
         n = images_NCHW.shape[0]
         if not 1 <= n_labeled <= n:
             raise ValueError(f"n_labeled={n_labeled} outside [1, {n}]")
-        self.device = torch.device(device)
+        img_size = (int(images_NCHW.shape[2]), int(images_NCHW.shape[3]))
+        super().__init__(device=device, img_size=img_size, n_labeled=n_labeled)
         self.channels = int(channels)
-        self.n_labeled = int(n_labeled)
         self.labeled_bs, self.unlabeled_bs = int(labeled_bs), int(unlabeled_bs)
         cached_unlabeled = unlabeled_files is None and unlabeled_manifest is None
         c = images_NCHW.shape[1]
-        self._img_size = (int(images_NCHW.shape[2]), int(images_NCHW.shape[3]))
         images_NHWC = np.ascontiguousarray(images_NCHW.float().permute(0, 2, 3, 1).cpu().numpy())
         labels = labels_NHW.cpu()
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 255):
@@ -429,21 +312,22 @@ class DaliTrainStream:
             np.arange(n_labeled), np.arange(n_labeled, n_labeled + n_cache_unl), labeled_bs,
             unlabeled_bs if cached_unlabeled else 0, seed, rank=rank, world_size=world_size)
         dev_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        common = dict(img_size=self._img_size, seed=seed, rank=rank, aug=aug)
-        build = dict(device_id=dev_id, img_size=self._img_size, num_threads=num_threads,
-                     seed=_torch_seed(seed, rank) % (2**31))
-        self._lab = _Runner("array", _CacheSource(images_NHWC, labels_NHW1, self.sampler, **common),
-                            channels=c, **build)
-        self._unl: _Runner | None = None
+        common = dict(img_size=img_size, seed=seed, rank=rank, aug=aug)
+        build = dict(device_id=dev_id, img_size=img_size, num_threads=num_threads,
+                     seed=torch_seed(seed, rank) % (2**31), channels=c)
+        self._lab = Runner(_CacheSource(images_NHWC, labels_NHW1, self.sampler, **common),
+                           functools.partial(_build, "array"), ["x", "y"], **build)
+        self._unl: Runner | None = None
         if not cached_unlabeled and unlabeled_bs > 0:
             files = None if unlabeled_files is None else [Path(f) for f in unlabeled_files]
             if files is not None and len(files) < unlabeled_bs:
                 raise ValueError(f"{len(files)} unlabeled files cannot fill one batch of {unlabeled_bs}")
             src = _EncodedSource(unlabeled_bs, files, unlabeled_manifest, seed, rank, world_size,
                                  max_pixels=max_image_pixels,
-                                 img_size=self._img_size, seed=seed + 1, aug=aug)
-            self._unl = _Runner("encoded", src, channels=c, **build)
+                                 img_size=img_size, seed=seed + 1, aug=aug)
+            self._unl = Runner(src, functools.partial(_build, "encoded"), ["x"], **build)
         self.unlabeled_manifest = unlabeled_manifest
+        self._apply_identity(identity)
 
     def set_identity(self, labeled: Mapping[str, Any] | None = None, unlabeled: Mapping[str, Any] | None = None,
                      *, resume_changed_data: bool | None = None) -> None:
@@ -461,14 +345,10 @@ class DaliTrainStream:
         """Manifest files skipped so far (0 without a manifest)."""
         return 0 if self.unlabeled_manifest is None else self.unlabeled_manifest.skipped_files
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def epoch_length(self) -> int:
-        return self.sampler.epoch_length
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return self._img_size
+    def close(self) -> None:
+        """Close the unlabeled manifest (if any)."""
+        if self.unlabeled_manifest is not None:
+            self.unlabeled_manifest.close()
 
     # ------------------------------------------------------------------ batches
     def _post(self, x_BCHW: torch.Tensor, y_BlHW: torch.Tensor | None, p: AugmentParams,
@@ -478,7 +358,7 @@ class DaliTrainStream:
         x_BCHW = x_BCHW.to(self.device, non_blocking=True)
         if y_BlHW is not None:
             y_BlHW = y_BlHW.to(self.device, non_blocking=True)
-        return apply_stages(x_BCHW, y_BlHW, _post_params_to(p, self.device), flips=False, ssr=False,
+        return apply_stages(x_BCHW, y_BlHW, post_params_to(p, self.device), flips=False, ssr=False,
                             **self._elastic)
 
     def _expand(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -501,12 +381,6 @@ class DaliTrainStream:
             x_u = x[:0]
         return Batch(x_l=x, y_l=y_l, x_u=x_u)
 
-    def __iter__(self) -> DaliTrainStream:
-        return self
-
-    def __next__(self) -> Batch:
-        return self.next()
-
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position of the next batch `next` will return."""
@@ -519,4 +393,3 @@ class DaliTrainStream:
         self._lab.load(state["labeled"])
         if self._unl is not None:
             self._unl.load(state["unlabeled"])
-

@@ -29,8 +29,8 @@ patch, dropped after the pipeline). Output: ``x`` ``[B, channels, X, Y, Z]`` flo
 repeated) and ``y_l`` ``[Bl, X, Y, Z]`` int64 on the training device.
 
 Resume: DALI prefetches, so the source keeps per prefetched batch a snapshot (sampler +
-generator state taken *before* its draws), as the 2D backend (`dali._SnapshotSource`,
-`dali._Runner`); `state_dict` returns the oldest unconsumed batch's, in `VolumeStream`'s format.
+generator state taken *before* its draws), as the 2D backend (`dali_pipeline.SnapshotSource`,
+`dali_pipeline.Runner`); `state_dict` returns the oldest unconsumed batch's, in `VolumeStream`'s format.
 The two 3D backends draw identically, so either one resumes the other's state exactly.
 
 No CUDA and no ``nvidia.dali`` at import time.
@@ -38,7 +38,7 @@ No CUDA and no ``nvidia.dali`` at import time.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,7 @@ import torch
 from . import dali as _dali
 from .augment3d import RotFlipCrop
 from .batch import Batch
+from .dali_pipeline import Runner, SnapshotSource
 from .stream3d import _STATE_VERSION, VolumeStream
 
 __all__ = ["DaliVolumeStream", "source_window"]
@@ -83,7 +84,7 @@ _ZERO_IMAGE = np.zeros((1, 1, 1, 1), np.float32)
 _ZERO_LABEL = np.zeros((1, 1, 1, 1), np.uint8)
 
 
-class _VolumeSource(_dali._SnapshotSource):
+class _VolumeSource(SnapshotSource):
     """``fn.external_source`` callable: `VolumeStream.draw` of the stream, then the windows and
     per-sample DALI arguments. Snapshot = the stream's sampler + generator state."""
 
@@ -95,7 +96,7 @@ class _VolumeSource(_dali._SnapshotSource):
         return {"sampler": self.stream.sampler.state_dict(), "rng": self.stream.rng.bit_generator.state}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        VolumeStream.load_state_dict(self.stream, state)  # validates, then sets sampler + generator
+        self.stream._restore(state)  # validates, then sets sampler + generator
 
     def draw(self) -> tuple[tuple[list[np.ndarray], ...], list[RotFlipCrop]]:
         s = self.stream
@@ -154,7 +155,7 @@ class DaliVolumeStream(VolumeStream):
     """`VolumeStream` whose geometry runs in DALI: same constructors and arguments (plus the two
     below), same draws, same `Batch`, same state format.
 
-    Extra keyword arguments (``__init__`` and ``from_arrays``):
+    Extra keyword arguments (``__init__`` and ``from_arrays``, `_configure`):
         feed: ``"window"`` (default) hands DALI the clipped source window of each sample (~p³
             voxels: the host copy the torch backend's staging does too); ``"volume"`` hands it the
             whole cached volume and lets ``fn.slice`` cut the window (more host/PCIe traffic).
@@ -167,39 +168,27 @@ class DaliVolumeStream(VolumeStream):
     feed: str = "window"
     num_threads: int = 2
 
-    def __init__(self, dataset: Any, *, feed: str = "window", num_threads: int = 2, **kw: Any) -> None:
-        self._set_options(feed, num_threads)
-        super().__init__(dataset, **kw)
-
-    @classmethod
-    def from_arrays(cls, images: Sequence[np.ndarray | torch.Tensor], labels: Sequence[np.ndarray | torch.Tensor],
-                    *, feed: str = "window", num_threads: int = 2, **kw: Any) -> DaliVolumeStream:
-        self = super().from_arrays(images, labels, **kw)
-        assert isinstance(self, DaliVolumeStream)
-        self._set_options(feed, num_threads)  # read when the pipeline is built (first `next`)
-        return self
-
-    def _set_options(self, feed: str, num_threads: int) -> None:
+    def _configure(self, *, feed: str = "window", num_threads: int = 2) -> None:
         if feed not in _FEEDS:
             raise ValueError(f"feed = {feed!r}; choose one of {_FEEDS}")
         if int(num_threads) < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.feed, self.num_threads = feed, int(num_threads)
 
-    def _setup(self, images: list[torch.Tensor], labels: list[torch.Tensor], *, cache_device: torch.device | str,
-               **kw: Any) -> None:
+    def _setup(self, images: list[torch.Tensor], labels: list[torch.Tensor], names: list[str], *,
+               cache_device: torch.device | str, **kw: Any) -> None:
         reason = _dali.dali_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"data.backend = 'dali': {reason}")
         if torch.device(cache_device).type != "cpu":
             raise ValueError(f"DaliVolumeStream keeps the volume cache on the CPU (fn.external_source "
                              f"reads host arrays); got cache_device = {str(cache_device)!r}")
-        super()._setup(images, labels, cache_device="cpu", **kw)
+        super()._setup(images, labels, names, cache_device="cpu", **kw)
         self._pin = False  # no torch staging batches here
         # zero-copy numpy views of the cache (windows are cut from these)
         self._np_images = [x.numpy() for x in self.images]
         self._np_labels = [y.numpy() for y in self.labels]
-        self._runner = _dali._Runner("volume", _VolumeSource(self), build=self._pipeline, names=["x", "y"])
+        self._runner = Runner(_VolumeSource(self), self._pipeline, ["x", "y"])
 
     def _pipeline(self, source: _VolumeSource):
         dev_id = None

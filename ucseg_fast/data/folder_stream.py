@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from .base import Identity
 from .batch import Batch
-from .folders import decode_image
+from .folders import FolderDataset, decode_image
 from .guards import DEFAULT_MAX_IMAGE_PIXELS
 from .prefetch import DecodeAhead
-from .sampler import TwoStreamSampler
-from .stream import (_AUGMENT_KEYS, _torch_seed, augmented_batch, check_generator_device,
-                     generator_state, restore_generator, to_device)
+from .stream import TorchStream2D, augmented_batch, to_device
 
 __all__ = ["FolderTrainStream"]
 
@@ -38,7 +37,7 @@ def _decode(path: str, channels: int, size: tuple[int, int], cap: int | None) ->
     return decode_image(path, channels=channels, max_pixels=cap, size=size)
 
 
-class FolderTrainStream:
+class FolderTrainStream(TorchStream2D):
     """Infinite source of augmented batches: labeled from a device cache, unlabeled decoded from files.
 
     Args:
@@ -46,14 +45,15 @@ class FolderTrainStream:
         labels_NHW: their labels (uint8 range).
         unlabeled_files: the unlabeled image files, in the order their sampler indices refer to
             (index ``n_l + i`` is ``unlabeled_files[i]``; `FolderDataset.images` order).
-        labeled_bs, unlabeled_bs, seed, device, augment, rank, world_size, channels: as `TrainStream`.
+        labeled_bs, unlabeled_bs, seed, device, augment, rank, world_size, channels, identity:
+            as `TrainStream`.
         max_image_pixels: images above this many pixels are an error naming the file.
         decode_workers: decoding threads (0: in the calling thread).
         prefetch_batches: batches drawn and decoded ahead when ``decode_workers > 0``.
-    """
 
-    #: nothing is skipped: a bad file in a folder is an error naming it
-    skipped_files: int = 0
+    `from_folder` builds one from an opened `FolderDataset`. Nothing is skipped: a bad file in a
+    folder is an error naming it (`skipped_files` is 0).
+    """
 
     def __init__(
         self,
@@ -72,10 +72,8 @@ class FolderTrainStream:
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         decode_workers: int = 2,
         prefetch_batches: int = 2,
+        identity: Identity | None = None,
     ) -> None:
-        unknown = set(augment or {}) - _AUGMENT_KEYS
-        if unknown:
-            raise TypeError(f"unknown augmentation option(s) {sorted(unknown)}; known: {sorted(_AUGMENT_KEYS)}")
         if images_NCHW.dim() == 3:
             images_NCHW = images_NCHW.unsqueeze(1)
         if images_NCHW.dim() != 4 or labels_NHW.shape != images_NCHW.shape[:1] + images_NCHW.shape[2:]:
@@ -83,48 +81,45 @@ class FolderTrainStream:
                              f"and {tuple(labels_NHW.shape)}")
         if images_NCHW.shape[1] not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, got {images_NCHW.shape[1]}")
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
         if decode_workers < 0 or prefetch_batches < 1:
             raise ValueError(f"need decode_workers >= 0 and prefetch_batches >= 1, got {decode_workers}, "
                              f"{prefetch_batches}")
-        self.device = torch.device(device)
-        self.augment_kwargs: dict[str, Any] = dict(augment or {})
-        self.channels = int(channels)
-        self.images_NCHW = images_NCHW.to(self.device, torch.float32).contiguous()
-        self.labels_NHW = labels_NHW.to(self.device)
         self.files = [os.fspath(f) for f in unlabeled_files]
-        self.n_labeled = int(images_NCHW.shape[0])
         self._decode_args = (int(images_NCHW.shape[1]), (int(images_NCHW.shape[2]), int(images_NCHW.shape[3])),
                              max_image_pixels)
-        n_l, n_u = self.n_labeled, len(self.files)
-        self.sampler = TwoStreamSampler(np.arange(n_l), np.arange(n_l, n_l + n_u), labeled_bs, unlabeled_bs,
-                                        seed, rank=rank, world_size=world_size)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(_torch_seed(seed, rank))
         self.decode_workers = int(decode_workers)
         self.prefetch_batches = int(prefetch_batches)
-        self._ahead = DecodeAhead(self.decode_workers) if self.decode_workers else None
-        # per batch drawn ahead: (sampler state before the draw, labeled idx, unlabeled idx, #files)
+        # per batch drawn ahead: (sampler state before the draw, labeled idx, unlabeled idx)
         self._pending: deque[tuple[dict[str, Any], np.ndarray, np.ndarray]] = deque()
+        self._ahead: DecodeAhead | None = None
+        super().__init__(
+            images_NCHW, labels_NHW, n_labeled=int(images_NCHW.shape[0]), n_unlabeled=len(self.files),
+            labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs, seed=seed, device=device, augment=augment,
+            rank=rank, world_size=world_size, channels=channels, identity=identity,
+        )
+        self._ahead = DecodeAhead(self.decode_workers) if self.decode_workers else None
 
-    def set_identity(self, labeled: Mapping[str, Any] | None = None, unlabeled: Mapping[str, Any] | None = None,
-                     *, resume_changed_data: bool | None = None) -> None:
-        """Fingerprints of the labeled / unlabeled file lists (`TwoStreamSampler.set_identity`)."""
-        self.sampler.set_identity(labeled, unlabeled, resume_changed_data=resume_changed_data)
+    @classmethod
+    def from_folder(
+        cls,
+        dataset: FolderDataset,
+        images_NCHW: torch.Tensor,
+        labels_NHW: torch.Tensor,
+        unlabeled_files: Sequence[str | os.PathLike[str]] | None = None,
+        **kw: Any,
+    ) -> FolderTrainStream:
+        """Over an opened image folder: its labeled split already cached (``images_NCHW``,
+        ``labels_NHW``; `FolderDataset.load_split`), ``unlabeled_files`` (default: the
+        ``unlabeled`` split, listed now) decoded as the dataset decodes (its pixel cap). Other
+        keyword arguments: as the constructor."""
+        files = dataset.images("unlabeled") if unlabeled_files is None else unlabeled_files
+        kw.setdefault("max_image_pixels", dataset.max_image_pixels)
+        return cls(images_NCHW, labels_NHW, files, **kw)
 
     # ------------------------------------------------------------------ properties
     @property
     def n_unlabeled(self) -> int:
         return len(self.files)
-
-    @property
-    def epoch_length(self) -> int:
-        return self.sampler.epoch_length
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return self._decode_args[1]
 
     # ------------------------------------------------------------------ batches
     def _file(self, i: int) -> str:
@@ -176,26 +171,15 @@ class FolderTrainStream:
             x = x_l
         return augmented_batch(self, x, self.labels_NHW.index_select(0, lab_idx))
 
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
-    def __next__(self) -> Batch:
-        return self.next()
-
     # ------------------------------------------------------------------ resume
-    def state_dict(self) -> dict[str, Any]:
-        """`TrainStream`'s format, at the next batch `next` returns (batches decoded ahead excluded)."""
-        sampler = self._pending[0][0] if self._pending else self.sampler.state_dict()
-        return {"sampler": sampler, **generator_state(self.generator, self.device)}
+    def _sampler_state(self) -> dict[str, Any]:
+        """At the next batch `next` returns: batches decoded ahead are not counted."""
+        return self._pending[0][0] if self._pending else self.sampler.state_dict()
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue exactly where `state_dict` was taken (this stream's or `TrainStream`'s)."""
-        check_generator_device(state, self.device)
-        self.sampler.load_state_dict(dict(state["sampler"]))  # first: a refused state changes nothing
+    def _reset_ahead(self) -> None:
         self._pending.clear()
         if self._ahead is not None:
             self._ahead.clear()
-        restore_generator(self.generator, state)
 
     def close(self) -> None:
         """Stop the decode threads."""

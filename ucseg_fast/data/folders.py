@@ -1,6 +1,6 @@
 """PNG/JPEG image + mask folders (colonoscopy, dermoscopy, ultrasound, exported slices).
 
-Layout = the reference's "2D generic" one (METHOD.md §3)::
+Layout = the reference's "2D generic" one (docs/method.md §3)::
 
     <root>/labeled/image/<name>.<png|jpg|...>     <root>/labeled/mask/<name>.<png|...>
     <root>/unlabeled/image/<name>.<...>           (masks, if present, are never read)
@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .guards import DEFAULT_MAX_IMAGE_PIXELS, DataError, check_file, check_pixels, fingerprint_lines
+from .errors import DataError
+from .guards import DEFAULT_MAX_IMAGE_PIXELS, check_file, check_pixels, fingerprint_lines
 from .prefetch import ordered_map
 from .ssl4mis import resize_nearest
 
@@ -197,6 +198,8 @@ class FolderDataset:
         self.mask_mode = mask_mode
         self.max_image_pixels = max_image_pixels
         labeled = self.images("labeled")
+        #: the labeled image files as listed when the dataset was opened (`images` lists anew)
+        self.labeled_files: list[Path] = labeled
         if not labeled:
             raise DataError(f"{self.root / 'labeled' / 'image'}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
         if channels == 0:

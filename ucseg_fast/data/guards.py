@@ -1,4 +1,4 @@
-"""Guards of the data layer: the error types, path checks that say what a bad path *is*, the
+"""Guards of the data layer: path checks that say what a bad path *is*, the
 decoded-size cap, and content fingerprints of the lists a stream draws from (resume identity).
 
 * `check_file`: every reader calls it before opening a data file. A missing path, a directory
@@ -21,6 +21,8 @@ import stat
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .errors import DataError, DataPathError
+
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DataError",
@@ -40,16 +42,6 @@ DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 #: What to pass to continue on changed data (the CLI spelling of the config key).
 RESUME_CHANGED_FLAG = "--data.resume_changed_data=true"
-
-
-class DataError(ValueError):
-    """A data file is wrong: corrupt, missing key, bad shape or value, too large, not a file."""
-
-
-class DataPathError(DataError, FileNotFoundError):
-    """A path where a data file belongs is missing or is not a usable file (a directory, a
-    dangling symlink, a symlink loop, a special file). Both a `DataError` and a
-    `FileNotFoundError`."""
 
 
 # ---------------------------------------------------------------------------- paths

@@ -43,9 +43,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from .errors import DataError
 from .guards import (
     DEFAULT_MAX_IMAGE_PIXELS,
-    DataError,
     LineHasher,
     check_file,
     check_pixels,

@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
 from .guards import check_file, fingerprint_lines
-from .ssl4mis import DataError, resize_nearest
+from .ssl4mis import resize_nearest
 
 __all__ = ["NiftiDataset", "read_nifti", "resolve_intensity", "NIFTI_SUFFIXES", "INTENSITY_MODES"]
 

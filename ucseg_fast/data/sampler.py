@@ -1,6 +1,6 @@
 """Two-stream (labeled + unlabeled) batch sampling with SSL4MIS semantics and exact resume.
 
-SSL4MIS ``TwoStreamBatchSampler`` (METHOD.md §3): every "epoch" draws one permutation of the
+SSL4MIS ``TwoStreamBatchSampler`` (docs/method.md §3): every "epoch" draws one permutation of the
 labeled indices and cuts it into groups of ``labeled_bs`` (an incomplete last group is dropped);
 each group is paired with the next ``unlabeled_bs`` indices of an endless chain of fresh
 permutations of the unlabeled indices, and that chain restarts (its leftover is discarded) at

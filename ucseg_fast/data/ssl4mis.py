@@ -1,6 +1,6 @@
 """SSL4MIS-layout HDF5 reader (ACDC slices and volumes) and the in-memory slice cache.
 
-Layout (the de-facto standard of semi-supervised medical segmentation, METHOD.md §3)::
+Layout (the de-facto standard of semi-supervised medical segmentation, docs/method.md §3)::
 
     <root>/train_slices.list       one slice name a line, e.g. ``patient099_frame01_slice_15``
     <root>/val.list, test.list     one volume name a line, e.g. ``patient028_frame01``
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .guards import DataError, DataPathError, check_file
+from .errors import DataError, DataPathError
+from .guards import check_file
 
 __all__ = [
     "LABELED_SLICES",
@@ -193,7 +194,7 @@ class SSL4MISDataset:
         if split not in self._lists:
             path = self.root / f"{split}.list"
             if not os.path.lexists(path):
-                hint = " (the shared ACDC subset ships no test split)" if split == "test" else ""
+                hint = " (this set has no test split)" if split == "test" else ""
                 raise FileNotFoundError(f"split list not found: {path}{hint}")
             check_file(path, "split list")
             names = [_clean_name(line) for line in path.read_text().splitlines()]

@@ -7,40 +7,119 @@ lives on the training device: 1312 slices x 256² x 5 B = 430 MB for full ACDC. 
 `augment_2d` (the reference applies the identical pipeline, single view, to both streams) and
 repeats the gray channel three times (the reference's ``in_channels 3``). The only host->device
 traffic per step is the index vector (pinned, asynchronous).
+
+`TorchStream2D` is what the 2D torch streams share (cache, sampler, augmentation generator,
+batch tail, state format); `TrainStream` draws its unlabeled images from the cache, and
+`folder_stream.FolderTrainStream` decodes them from files.
 """
 from __future__ import annotations
 
-import base64
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from .augment import augment_2d
+from .base import (
+    Identity,
+    Stream,
+    check_generator_device,
+    generator_state,
+    restore_generator,
+    torch_seed,
+)
 from .batch import Batch
 from .guards import fingerprint_lines
 from .sampler import TwoStreamSampler
 from .ssl4mis import SSL4MISDataset
 
-__all__ = ["TrainStream"]
+__all__ = ["TorchStream2D", "TrainStream", "augmented_batch", "check_augment", "to_device"]
 
 _AUGMENT_KEYS = frozenset(inspect.signature(augment_2d).parameters) - {"images", "labels", "generator"}
+# Former names, still importable from here.
+_torch_seed = torch_seed
 
 
-def _torch_seed(seed: int, rank: int) -> int:
-    # Independent of the sampler's stream (different entropy words), distinct per rank.
-    words = np.random.SeedSequence([int(seed), int(rank), 0x6175_676D]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
+def check_augment(augment: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``augment`` as a dict of `augment_2d` keyword arguments; unknown keys are a TypeError."""
+    unknown = set(augment or {}) - _AUGMENT_KEYS
+    if unknown:
+        raise TypeError(f"unknown augmentation option(s) {sorted(unknown)}; known: {sorted(_AUGMENT_KEYS)}")
+    return dict(augment or {})
 
 
-class TrainStream:
-    """Infinite source of augmented training batches.
+class TorchStream2D(Stream):
+    """The torch backend's 2D stream: labeled images cached on the training device, a
+    `TwoStreamSampler` over ``n_labeled`` labeled and ``n_unlabeled`` unlabeled indices (labeled
+    ``0..n_labeled-1``, unlabeled after them), one ``torch.Generator`` driving `augment_2d`.
+    A subclass says where the unlabeled images of a step come from (`next`).
+
+    State (`state_dict`): ``{"sampler": ..., "generator": ..., "generator_device": ...}``; the
+    sampler part is `_sampler_state` (a stream reading ahead returns the state before the first
+    batch not yet returned), `_reset_ahead` drops what was read ahead when a state is loaded.
+    """
+
+    def __init__(
+        self,
+        images_NCHW: torch.Tensor,
+        labels_NHW: torch.Tensor,
+        *,
+        n_labeled: int,
+        n_unlabeled: int,
+        labeled_bs: int,
+        unlabeled_bs: int,
+        seed: int,
+        device: torch.device | str,
+        augment: Mapping[str, Any] | None,
+        rank: int,
+        world_size: int,
+        channels: int,
+        identity: Identity | None,
+    ) -> None:
+        self.augment_kwargs: dict[str, Any] = check_augment(augment)
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        super().__init__(device=device, img_size=tuple(images_NCHW.shape[-2:]), n_labeled=n_labeled)
+        self.channels = int(channels)
+        self.images_NCHW = images_NCHW.to(self.device, torch.float32).contiguous()
+        self.labels_NHW = labels_NHW.to(self.device)
+        self.sampler = TwoStreamSampler(
+            np.arange(n_labeled), np.arange(n_labeled, n_labeled + n_unlabeled), labeled_bs, unlabeled_bs, seed,
+            rank=rank, world_size=world_size,
+        )
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(torch_seed(seed, rank))
+        self._apply_identity(identity)
+
+    # ------------------------------------------------------------------ resume
+    def _sampler_state(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def _reset_ahead(self) -> None:
+        """Forget batches prepared ahead (nothing here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: sampler position + augmentation generator state."""
+        return {"sampler": self._sampler_state(), **generator_state(self.generator, self.device)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue exactly where `state_dict` was taken (same data, same device type; any 2D torch
+        stream's state: a cached stream's loads into a file-decoding one and back)."""
+        check_generator_device(state, self.device)
+        self.sampler.load_state_dict(dict(state["sampler"]))  # first: a refused state changes nothing
+        self._reset_ahead()
+        restore_generator(self.generator, state)
+
+
+class TrainStream(TorchStream2D):
+    """Infinite source of augmented training batches, labeled and unlabeled images from one
+    device cache.
 
     Args:
         dataset: the SSL4MIS folder; its ``train_slices`` in list order, the first ``n_labeled``
-            labeled and the rest unlabeled (METHOD.md §3).
+            labeled and the rest unlabeled (docs/method.md §3).
         n_labeled: number of labeled slices (e.g. ``labeled_slice_count(7) == 136``).
         labeled_bs, unlabeled_bs: per-step batch sizes (the reference: 12 + 12).
         seed: seeds the sampler and the augmentation generator.
@@ -49,14 +128,11 @@ class TrainStream:
         img_size: ``(H, W)`` of the cache and of every batch.
         rank, world_size: data-parallel replica (independent streams per rank, see `TwoStreamSampler`).
         channels: gray is repeated to this many channels (3 in the reference).
+        identity: resume identity (`base.Identity`); the fingerprints of the labeled and
+            unlabeled lines of ``train_slices.list`` are set from the dataset.
 
-    Resume identity: built from a dataset, the state carries a fingerprint of the labeled and
-    unlabeled lines of ``train_slices.list`` (`set_identity`; `TwoStreamSampler`). Nothing is
-    skipped here: `skipped_files` is 0.
+    `from_tensors` builds one over an in-memory cache. Nothing is skipped: `skipped_files` is 0.
     """
-
-    #: files skipped so far (the trainer logs ``getattr(stream, "skipped_files", 0)``)
-    skipped_files: int = 0
 
     def __init__(
         self,
@@ -72,23 +148,26 @@ class TrainStream:
         rank: int = 0,
         world_size: int = 1,
         channels: int = 3,
+        identity: Identity | None = None,
     ) -> None:
         names = dataset.train_slices
         if not 1 <= n_labeled <= len(names):
             raise ValueError(f"n_labeled={n_labeled} outside [1, {len(names)}] (slices in {dataset.root})")
         images_NHW, labels_NHW = dataset.load_slices(names, size=img_size)
-        self._setup(
-            images_NHW, labels_NHW, n_labeled=n_labeled, labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs,
-            seed=seed, device=device, augment=augment, rank=rank, world_size=world_size, channels=channels,
-        )
         src = str(dataset.root / "train_slices.list")
-        self.set_identity(fingerprint_lines(names[:n_labeled], f"{src} (labeled lines)"),
-                          fingerprint_lines(names[n_labeled:], f"{src} (unlabeled lines)"))
+        own = Identity(fingerprint_lines(names[:n_labeled], f"{src} (labeled lines)"),
+                       fingerprint_lines(names[n_labeled:], f"{src} (unlabeled lines)"))
+        super().__init__(
+            images_NHW.unsqueeze(1), labels_NHW, n_labeled=n_labeled, n_unlabeled=len(names) - n_labeled,
+            labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs, seed=seed, device=device, augment=augment,
+            rank=rank, world_size=world_size, channels=channels, identity=own,
+        )
+        self._apply_identity(identity)
 
     @classmethod
     def from_tensors(
         cls,
-        images_NHW: torch.Tensor,
+        images: torch.Tensor,
         labels_NHW: torch.Tensor,
         *,
         n_labeled: int,
@@ -100,91 +179,39 @@ class TrainStream:
         rank: int = 0,
         world_size: int = 1,
         channels: int = 3,
+        identity: Identity | None = None,
     ) -> TrainStream:
-        """Build from an in-memory cache (``images [N, H, W]`` float, ``labels [N, H, W]`` integer)."""
-        if images_NHW.dim() != 3 or labels_NHW.shape != images_NHW.shape:
+        """Build from an in-memory cache: ``images`` float ``[N, H, W]`` (gray) or ``[N, C, H, W]``
+        (``C`` 1 gray, 3 colour: kept as is, never reduced), ``labels [N, H, W]`` integer (the
+        unlabeled entries' labels are never read)."""
+        images_NCHW = images.unsqueeze(1) if images.dim() == 3 else images
+        if images_NCHW.dim() != 4 or labels_NHW.shape != images_NCHW.shape[:1] + images_NCHW.shape[2:]:
             raise ValueError(
-                f"need images [N, H, W] and labels of the same shape, got {tuple(images_NHW.shape)} "
-                f"and {tuple(labels_NHW.shape)}"
+                f"need images [N, H, W] (or [N, C, H, W]) and labels [N, H, W] of the same N, H, W, got "
+                f"{tuple(images.shape)} and {tuple(labels_NHW.shape)}"
             )
-        if not 1 <= n_labeled <= images_NHW.shape[0]:
-            raise ValueError(f"n_labeled={n_labeled} outside [1, {images_NHW.shape[0]}]")
+        n = images_NCHW.shape[0]
+        if not 1 <= n_labeled <= n:
+            raise ValueError(f"n_labeled={n_labeled} outside [1, {n}]")
         self = cls.__new__(cls)
-        self._setup(
-            images_NHW, labels_NHW, n_labeled=n_labeled, labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs,
-            seed=seed, device=device, augment=augment, rank=rank, world_size=world_size, channels=channels,
+        TorchStream2D.__init__(
+            self, images_NCHW, labels_NHW, n_labeled=n_labeled, n_unlabeled=n - n_labeled, labeled_bs=labeled_bs,
+            unlabeled_bs=unlabeled_bs, seed=seed, device=device, augment=augment, rank=rank,
+            world_size=world_size, channels=channels, identity=identity,
         )
         return self
 
-    def _setup(
-        self, images_NHW: torch.Tensor, labels_NHW: torch.Tensor, *, n_labeled: int, labeled_bs: int,
-        unlabeled_bs: int, seed: int, device: torch.device | str, augment: Mapping[str, Any] | None,
-        rank: int, world_size: int, channels: int,
-    ) -> None:
-        unknown = set(augment or {}) - _AUGMENT_KEYS
-        if unknown:
-            raise TypeError(f"unknown augmentation option(s) {sorted(unknown)}; known: {sorted(_AUGMENT_KEYS)}")
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
-        self.device = torch.device(device)
-        self.augment_kwargs: dict[str, Any] = dict(augment or {})
-        self.channels = int(channels)
-        self.images_N1HW = images_NHW.to(self.device, torch.float32).unsqueeze(1).contiguous()
-        self.labels_NHW = labels_NHW.to(self.device)
-        n = images_NHW.shape[0]
-        self.n_labeled = int(n_labeled)
-        self.sampler = TwoStreamSampler(
-            np.arange(n_labeled), np.arange(n_labeled, n), labeled_bs, unlabeled_bs, seed,
-            rank=rank, world_size=world_size,
-        )
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(_torch_seed(seed, rank))
-
-    def set_identity(self, labeled: Mapping[str, Any] | None = None, unlabeled: Mapping[str, Any] | None = None,
-                     *, resume_changed_data: bool | None = None) -> None:
-        """Content fingerprints of the labeled / unlabeled lists, kept in the state and checked on
-        resume (`TwoStreamSampler.set_identity`)."""
-        self.sampler.set_identity(labeled, unlabeled, resume_changed_data=resume_changed_data)
-
-    # ------------------------------------------------------------------ properties
     @property
     def n_unlabeled(self) -> int:
-        return int(self.images_N1HW.shape[0]) - self.n_labeled
+        return int(self.images_NCHW.shape[0]) - self.n_labeled
 
-    @property
-    def epoch_length(self) -> int:
-        """Steps per reference epoch, ``floor(n_labeled / labeled_bs)``."""
-        return self.sampler.epoch_length
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return int(self.images_N1HW.shape[2]), int(self.images_N1HW.shape[3])
-
-    # ------------------------------------------------------------------ batches
     def next(self) -> Batch:
         """The next augmented batch, on ``device``; no host sync."""
         lab, unl = next(self.sampler)
         idx = to_device(np.concatenate([lab, unl]), self.device)
-        x_B1HW = self.images_N1HW.index_select(0, idx)
+        x_BCHW = self.images_NCHW.index_select(0, idx)
         y_BlHW = self.labels_NHW.index_select(0, idx[:len(lab)])
-        return augmented_batch(self, x_B1HW, y_BlHW)
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
-    def __next__(self) -> Batch:
-        return self.next()
-
-    # ------------------------------------------------------------------ resume
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable: sampler position + augmentation generator state."""
-        return {"sampler": self.sampler.state_dict(), **generator_state(self.generator, self.device)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue exactly where `state_dict` was taken (same data, same device type)."""
-        check_generator_device(state, self.device)
-        self.sampler.load_state_dict(dict(state["sampler"]))
-        restore_generator(self.generator, state)
+        return augmented_batch(self, x_BCHW, y_BlHW)
 
 
 # ---------------------------------------------------------------------- shared by the 2D streams
@@ -197,28 +224,11 @@ def to_device(idx: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def augmented_batch(stream, x_B1HW: torch.Tensor, y_BlHW: torch.Tensor) -> Batch:
+def augmented_batch(stream: TorchStream2D, x_BCHW: torch.Tensor, y_BlHW: torch.Tensor) -> Batch:
     """The stream's augmentation of [labeled; unlabeled] images and the labeled masks, gray
-    repeated to `stream.channels`, as a `Batch` (labeled first)."""
+    repeated to `stream.channels` (colour kept), as a `Batch` (labeled first)."""
     bl = y_BlHW.shape[0]
-    x_B1HW, y_BlHW = augment_2d(x_B1HW, y_BlHW, stream.generator, **stream.augment_kwargs)
+    x_BCHW, y_BlHW = augment_2d(x_BCHW, y_BlHW, stream.generator, **stream.augment_kwargs)
     assert y_BlHW is not None
-    x_BCHW = x_B1HW.expand(-1, stream.channels, -1, -1).contiguous()
+    x_BCHW = x_BCHW.expand(-1, stream.channels, -1, -1).contiguous()
     return Batch(x_l=x_BCHW[:bl], y_l=y_BlHW.long(), x_u=x_BCHW[bl:])
-
-
-def generator_state(generator: torch.Generator, device: torch.device) -> dict[str, str]:
-    """The augmentation generator's state, JSON-serialisable (the streams' checkpoint format)."""
-    return {"generator": base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii"),
-            "generator_device": device.type}
-
-
-def check_generator_device(state: Mapping[str, Any], device: torch.device) -> None:
-    if state.get("generator_device") != device.type:
-        raise ValueError(f"stream state was saved for a {state.get('generator_device')!r} "
-                         f"generator, this stream runs on {device.type!r}")
-
-
-def restore_generator(generator: torch.Generator, state: Mapping[str, Any]) -> None:
-    raw = base64.b64decode(state["generator"])
-    generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))

@@ -1,7 +1,7 @@
 """The torch backend for 3D (LA / Pancreas) training: a host-resident volume cache, two-stream
 sampling and the reference's ``RandomRotFlip`` -> ``RandomCrop(96³)``, one `Batch` per call.
 
-METHOD.md §3 (3D column): batch 2 labeled + 2 unlabeled patches of 96×96×96, one channel; the
+docs/method.md §3 (3D column): batch 2 labeled + 2 unlabeled patches of 96×96×96, one channel; the
 labeled volumes are the first ``n_l`` lines of ``train.list``; SSL4MIS ``TwoStreamBatchSampler``.
 
 The training volumes differ in size and full LA is ~0.9 GB (80 x ~2.3 M voxels x 5 B), so the
@@ -19,13 +19,14 @@ uint8 and become int64 on the device.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from .augment3d import RotFlipCrop, draw_rot_flip_crop
+from .base import Identity, Stream
 from .batch import Batch
 from .guards import fingerprint_lines
 from .sampler import TwoStreamSampler
@@ -46,12 +47,12 @@ def _as_tensor(a: Any) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
 
 
-class VolumeStream:
+class VolumeStream(Stream):
     """Infinite source of augmented 3D training batches.
 
     Args:
         dataset: the 3D folder; its ``train_volumes`` in list order, the first ``n_labeled``
-            labeled and the rest unlabeled (METHOD.md §3). The held-out validation volumes of a
+            labeled and the rest unlabeled (docs/method.md §3). The held-out validation volumes of a
             dataset with ``val_holdout > 0`` are not among them and are never read here.
         n_labeled: number of labeled volumes (LA 10 %: 8).
         labeled_bs, unlabeled_bs: per-step batch sizes (the reference: 2 + 2).
@@ -62,14 +63,13 @@ class VolumeStream:
         channels: gray is repeated to this many channels (1 in the reference).
         rot_flip: apply ``RandomRotFlip`` before the crop (False: crop only).
         cache_device: where the volume cache lives and the crop is cut (default: the CPU).
+        identity: resume identity (`base.Identity`). Built from a dataset, the state carries a
+            fingerprint of the labeled and unlabeled lines of ``train.list`` it trains on
+            (held-out lines excluded); ``identity`` adds to it (``resume_changed_data``).
+        **options: options of a subclass (`dali3d.DaliVolumeStream`: ``feed``, ``num_threads``).
 
-    Resume identity: built from a dataset, the state carries a fingerprint of the labeled and
-    unlabeled lines of ``train.list`` it trains on (`set_identity`; held-out lines excluded).
-    Nothing is skipped: `skipped_files` is 0.
+    `from_arrays` builds one over in-memory volumes. Nothing is skipped: `skipped_files` is 0.
     """
-
-    #: files skipped so far (the trainer logs ``getattr(stream, "skipped_files", 0)``)
-    skipped_files: int = 0
 
     def __init__(
         self,
@@ -86,21 +86,24 @@ class VolumeStream:
         channels: int = 1,
         rot_flip: bool = True,
         cache_device: torch.device | str = "cpu",
+        identity: Identity | None = None,
+        **options: Any,
     ) -> None:
+        self._configure(**options)
         names = dataset.train_volumes
         if not 1 <= n_labeled <= len(names):
             raise ValueError(f"n_labeled={n_labeled} outside [1, {len(names)}] (volumes in {dataset.root})")
         images, labels = dataset.load_volumes(names)
-        self.names: list[str] = names
-        self._setup(images, labels, n_labeled=n_labeled, labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs,
-                    seed=seed, device=device, patch_size=patch_size, rank=rank, world_size=world_size,
-                    channels=channels, rot_flip=rot_flip, cache_device=cache_device)
         # The fingerprints cover the lines this stream trains on: without the held-out tail.
         src = str(dataset.root / "train.list")
         holdout = int(getattr(dataset, "val_holdout", 0))
         tail = f", the last {holdout} lines held out for validation" if holdout else ""
-        self.set_identity(fingerprint_lines(names[:n_labeled], f"{src} (labeled lines{tail})"),
-                          fingerprint_lines(names[n_labeled:], f"{src} (unlabeled lines{tail})"))
+        own = Identity(fingerprint_lines(names[:n_labeled], f"{src} (labeled lines{tail})"),
+                       fingerprint_lines(names[n_labeled:], f"{src} (unlabeled lines{tail})"))
+        self._setup(images, labels, names, n_labeled=n_labeled, labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs,
+                    seed=seed, device=device, patch_size=patch_size, rank=rank, world_size=world_size,
+                    channels=channels, rot_flip=rot_flip, cache_device=cache_device, identity=own)
+        self._apply_identity(identity)
 
     @classmethod
     def from_arrays(
@@ -119,10 +122,16 @@ class VolumeStream:
         channels: int = 1,
         rot_flip: bool = True,
         cache_device: torch.device | str = "cpu",
+        names: Sequence[str] | None = None,
+        identity: Identity | None = None,
+        **options: Any,
     ) -> VolumeStream:
         """Build from in-memory volumes (``images[i] [X_i, Y_i, Z_i]`` float, ``labels[i]`` integer,
         same shape; sizes may differ between volumes). Unlabeled volumes still need a label
-        array of the right shape (it is never read; zeros do)."""
+        array of the right shape (it is never read; zeros do). ``names``: the volumes' names
+        (default ``volume0``, ``volume1``, ...); ``identity``: their resume identity."""
+        self = cls.__new__(cls)
+        self._configure(**options)
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if not 1 <= n_labeled <= len(images):
@@ -140,24 +149,32 @@ class VolumeStream:
                 raise ValueError(f"volume {i}: label values must lie in [0, 255] (uint8 cache)")
             imgs.append(x.to(torch.float32))
             labs.append(y.to(torch.uint8))
-        self = cls.__new__(cls)
-        self.names = [f"volume{i}" for i in range(len(imgs))]
-        self._setup(imgs, labs, n_labeled=n_labeled, labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs,
+        names = [f"volume{i}" for i in range(len(imgs))] if names is None else list(names)
+        if len(names) != len(imgs):
+            raise ValueError(f"{len(names)} names for {len(imgs)} volumes")
+        self._setup(imgs, labs, names, n_labeled=n_labeled, labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs,
                     seed=seed, device=device, patch_size=patch_size, rank=rank, world_size=world_size,
-                    channels=channels, rot_flip=rot_flip, cache_device=cache_device)
+                    channels=channels, rot_flip=rot_flip, cache_device=cache_device, identity=identity)
         return self
 
+    def _configure(self, **options: Any) -> None:
+        """Options of a subclass, set before the cache is built (none here)."""
+        if options:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {sorted(options)}")
+
     def _setup(
-        self, images: list[torch.Tensor], labels: list[torch.Tensor], *, n_labeled: int, labeled_bs: int,
-        unlabeled_bs: int, seed: int, device: torch.device | str, patch_size: Sequence[int], rank: int,
-        world_size: int, channels: int, rot_flip: bool, cache_device: torch.device | str,
+        self, images: list[torch.Tensor], labels: list[torch.Tensor], names: list[str], *, n_labeled: int,
+        labeled_bs: int, unlabeled_bs: int, seed: int, device: torch.device | str, patch_size: Sequence[int],
+        rank: int, world_size: int, channels: int, rot_flip: bool, cache_device: torch.device | str,
+        identity: Identity | None,
     ) -> None:
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         patch = tuple(int(p) for p in patch_size)
         if len(patch) != 3 or min(patch) < 1:
             raise ValueError(f"patch_size must be 3 positive sizes, got {tuple(patch_size)}")
-        self.device = torch.device(device)
+        Stream.__init__(self, device=device, img_size=patch, n_labeled=n_labeled)
+        self.names: list[str] = names
         self.cache_device = torch.device(cache_device)
         self.patch: tuple[int, int, int] = patch  # type: ignore[assignment]
         self.channels = int(channels)
@@ -165,7 +182,6 @@ class VolumeStream:
         self.images: list[torch.Tensor] = [x.to(self.cache_device).contiguous() for x in images]
         self.labels: list[torch.Tensor] = [y.to(self.cache_device).contiguous() for y in labels]
         n = len(self.images)
-        self.n_labeled = int(n_labeled)
         self.sampler = TwoStreamSampler(
             np.arange(n_labeled), np.arange(n_labeled, n), labeled_bs, unlabeled_bs, seed,
             rank=rank, world_size=world_size,
@@ -173,27 +189,11 @@ class VolumeStream:
         self.rng = _numpy_rng(seed, rank)
         # Staging batches in page-locked memory when the crop is cut on the host for a GPU.
         self._pin = self.cache_device.type == "cpu" and self.device.type == "cuda"
+        self._apply_identity(identity)
 
-    def set_identity(self, labeled: Mapping[str, Any] | None = None, unlabeled: Mapping[str, Any] | None = None,
-                     *, resume_changed_data: bool | None = None) -> None:
-        """Content fingerprints of the labeled / unlabeled case lists, kept in the state and
-        checked on resume (`TwoStreamSampler.set_identity`)."""
-        self.sampler.set_identity(labeled, unlabeled, resume_changed_data=resume_changed_data)
-
-    # ------------------------------------------------------------------ properties
     @property
     def n_unlabeled(self) -> int:
         return len(self.images) - self.n_labeled
-
-    @property
-    def epoch_length(self) -> int:
-        """Steps per reference epoch, ``floor(n_labeled / labeled_bs)``."""
-        return self.sampler.epoch_length
-
-    @property
-    def img_size(self) -> tuple[int, int, int]:
-        """The patch size, the spatial shape of every batch."""
-        return self.patch
 
     # ------------------------------------------------------------------ batches
     def draw(self) -> tuple[np.ndarray, list[RotFlipCrop]]:
@@ -226,12 +226,6 @@ class VolumeStream:
         x_BCS = x_BS.unsqueeze(1).expand(-1, self.channels, -1, -1, -1).contiguous()
         return Batch(x_l=x_BCS[:bl], y_l=y_BlS, x_u=x_BCS[bl:])
 
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
-    def __next__(self) -> Batch:
-        return self.next()
-
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable: sampler position + augmentation generator state."""
@@ -244,6 +238,10 @@ class VolumeStream:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue exactly where `state_dict` was taken (same volumes, same patch)."""
+        self._restore(state)
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        """Validate ``state``, then set the sampler and the generator (no read-ahead to drop)."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"3D stream state version {state.get('version')!r} != {_STATE_VERSION}")
         patch = tuple(state.get("patch", ()))

@@ -1,9 +1,9 @@
 """SSL4MIS / UA-MT HDF5 volume reader for the 3D trainer (LA 2018, Pancreas-NIH).
 
-Layouts (METHOD.md §3, "File formats"; the reference's LA / Pancreas dataset class)::
+Layouts (docs/method.md §3, "File formats"; the reference's LA / Pancreas dataset class)::
 
     <root>/train.list, test.list, ...              one case name a line
-    <root>/2018LA_Seg_Training Set/<case>/mri_norm2.h5   LA (UA-MT layout; the shared LA subset)
+    <root>/2018LA_Seg_Training Set/<case>/mri_norm2.h5   LA (UA-MT layout)
     <root>/<case>/mri_norm2.h5                     LA with the lists inside the training folder
     <root>/Pancreas_h5/<case>_norm.h5              Pancreas-NIH
     <root>/data/<case>.h5, <root>/<case>.h5        generic SSL4MIS volumes
@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
 from .guards import check_file
-from .ssl4mis import DataError, read_h5_pair
+from .ssl4mis import read_h5_pair
 
 __all__ = ["VolumeDataset", "VolumeNotFoundError"]
 
