@@ -15,9 +15,9 @@ backend ran, minimal bytes, GB/s and % of the session's copy bandwidth.
 
 GPU: `pytest benchmarks/bench_upg.py --benchmark-only --benchmark-json=r.json`
 (UCSEG_BENCH_DTYPES="bf16,fp32", UCSEG_BENCH_UPG_SHAPES="acdc,la_3d");
-knobs of the fused op: UCSEG_UPG_BLOCK_S, UCSEG_UPG_DOT=auto|ieee|tf32 (auto: tf32 for bf16,
-recorded as extra_info dot_precision), UCSEG_UPG_FWD_PROGRAMS,
-UCSEG_UPG_BWD_PROGRAMS. CPU smoke: `pytest benchmarks/bench_upg.py --benchmark-disable`.
+the fused op's dot precision: UCSEG_UPG_DOT=auto|ieee|tf32 (auto: tf32 for bf16, recorded as
+extra_info dot_precision); its launch geometry follows the shape and the card's SM count
+(ops/upg_head_kernels.py header). CPU smoke: `pytest benchmarks/bench_upg.py --benchmark-disable`.
 """
 from __future__ import annotations
 

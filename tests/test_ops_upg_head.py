@@ -3,8 +3,8 @@
 CPU tier: the Triton kernel under TRITON_INTERPRET=1 on tiny 2D/3D shapes (fp32) against
 `FusionHead` — outputs, batch statistics, running statistics, num_batches_tracked and every
 gradient, train and eval; the tolerance is 2× the fp32 oracle's own error against float64 plus
-a small atol. float64 runs the PyTorch twin of the same sweeps (`_TorchRunner`), which is what
-the golden vectors of ../shared/golden (item 2, [4,4,256,256]) check.
+a small atol. float64 runs the reference (`reference.fusion_head`, differentiated by autograd),
+which is what the golden vectors of tests/golden/ (docs/golden.md §7.2, [4,4,256,256]) check.
 """
 from __future__ import annotations
 
@@ -73,13 +73,18 @@ def _compare(fused: dict, ref32: dict, ref64: dict, atol: float) -> None:
 CASES = [((5, 7), 4, 3), ((5, 7), 2, 1), ((3, 4, 5), 2, 3), ((3, 4, 5), 4, 1)]
 
 
+def _two_programs(monkeypatch) -> None:
+    """Every sweep on 2 programs (1 SM, 2 programs per SM; the final backward sweep's 2 per SM)."""
+    monkeypatch.setattr(upg_head, "sm_count", lambda device: 1)
+    monkeypatch.setattr(upg_head, "SWEEP_PROGRAMS_PER_SM", 2)
+
+
 @needs_kernel
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("spatial,C,B", CASES, ids=[f"{len(s)}d-C{c}-B{b}" for s, c, b in CASES])
 def test_kernel_matches_oracle(spatial, C, B, train, monkeypatch):
     if B == 3:  # 2 programs over 2-3 tiles: the in-program Chan merge and dW accumulation run
-        monkeypatch.setattr(upg_head, "FWD_PROGRAMS", 2)
-        monkeypatch.setattr(upg_head, "BWD_PROGRAMS", 2)
+        _two_programs(monkeypatch)
     dims = len(spatial)
     z1, z2, A, w = _inputs(B, C, spatial)
     out = {}
@@ -112,7 +117,7 @@ def test_kernel_channels_last_and_mixed_layouts():
 @needs_kernel
 def test_kernel_statistics_large_mean(monkeypatch):
     """|mean| ≫ std in the first layer: Chan-merged fp32 statistics stay at fp32-ulp level of var."""
-    monkeypatch.setattr(upg_head, "FWD_PROGRAMS", 2)  # 5 tiles on 2 programs
+    _two_programs(monkeypatch)  # 5 tiles on 2 programs
     B, C, spatial = 3, 4, (9, 11)
     z1, z2, A, _ = _inputs(B, C, spatial)
     z1 = z1 * 0.01 + 300.0
@@ -173,8 +178,8 @@ def test_compile_fullgraph_aot_eager():
         assert torch.equal(a, b)
 
 
-def test_float64_twin_matches_oracle_tightly():
-    """The PyTorch twin of the sweeps (float64 path, also the golden path) equals the oracle."""
+def test_float64_reference_matches_oracle_tightly():
+    """The reference path (float64, also the golden path) equals the oracle module."""
     z1, z2, A, w = _inputs(3, 4, (5, 7))
     ref, fus = _heads(4, 2, torch.float64)
     a, b = _run(ref, z1, z2, A, w, False), _run(fus, z1, z2, A, w, True)
@@ -219,25 +224,34 @@ def test_upg_fused_forward_equals_torch():
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
-def test_torch_twin_recompute_equals_cached():
-    """The float64 twin's cached form computes exactly what the recomputing (kernel-like) form does."""
+def test_float64_takes_the_reference_packed_and_per_layer(monkeypatch):
+    """float64 runs `reference.fusion_head` without entering the custom ops; the packed
+    `fusion_head` (per-layer views of wt, γ, β) and `fusion_head_layers` agree, and the packed
+    form's gradients reach the packed tensors through the views."""
     z1, z2, A, w = _inputs(2, 4, (5, 7))
     _, fus = _heads(4, 2, torch.float64)
     wt, gamma, beta, rm, rv, chans = upg_head.pack_head_params(fus)
-    old_chunk = upg_head._TORCH_CHUNK
-    upg_head._TORCH_CHUNK = 16  # several chunks ("programs")
-    outs = []
-    try:
-        for recompute in (True, False):
-            upg_head.RECOMPUTE_TORCH = recompute
-            ins = [t.clone().requires_grad_(True) for t in (z1, z2, A)]
-            P, mean, var = upg_head.fusion_head(*ins, wt, gamma, beta, rm, rv, chans, True)
-            (P * w).sum().backward()
-            outs.append([P, mean, var, *(t.grad for t in ins)])
-    finally:
-        upg_head._TORCH_CHUNK, upg_head.RECOMPUTE_TORCH = old_chunk, False
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    wt, gamma, beta = (t.detach().requires_grad_(True) for t in (wt, gamma, beta))
+    ins = [t.clone().requires_grad_(True) for t in (z1, z2, A)]
+    called = []
+    for name in ("_fusion_head_op", "_fusion_head_layers_op"):
+        real = getattr(upg_head, name)
+        monkeypatch.setattr(upg_head, name, lambda *a, _r=real, _n=name: called.append(_n) or _r(*a))
+    P, mean, var = upg_head.fusion_head(*ins, wt, gamma, beta, rm, rv, chans, True)
+    (P * w).sum().backward()
+    lay = _run(copy.deepcopy(fus), z1, z2, A, w, True)
+    assert called == []
+    torch.testing.assert_close(P.detach(), lay["P"], rtol=1e-13, atol=1e-13)
+    for k, t in zip(("dz1", "dz2", "dA"), ins):
+        torch.testing.assert_close(t.grad, lay[k], rtol=1e-12, atol=1e-12, msg=k)
+    for k in range(6):
+        ci, co = chans[k], chans[k + 1]
+        g_w = lay[f"grad.conv{k + 1}.0.weight"].reshape(co, ci).t()
+        torch.testing.assert_close(wt.grad[k, :ci, :co], g_w, rtol=1e-12, atol=1e-12)
+        assert torch.count_nonzero(wt.grad[k, ci:]) == 0 and torch.count_nonzero(wt.grad[k, :, co:]) == 0
+        torch.testing.assert_close(gamma.grad[k, :co], lay[f"grad.conv{k + 1}.1.weight"],
+                                   rtol=1e-12, atol=1e-12)
+    assert mean.shape == var.shape == (6, wt.shape[-1]) and mean.dtype == torch.float64
 
 
 def test_forward_dropin_and_errors():
@@ -252,7 +266,7 @@ def test_forward_dropin_and_errors():
         fus.fused(z1[:1, :, :1, :1], z2[:1, :, :1, :1], torch.ones(1, 1, 1, 1, dtype=torch.float64))
 
 
-# ----- golden item 2 with head_impl="fused" (float64: the PyTorch twin of the sweeps) ------------
+# ----- golden item 2 with head_impl="fused" (float64: the reference path) ---------------------------
 @pytest.fixture(scope="module")
 def golden_run():
     from test_golden_upg import _set_submodule  # same dropout handling as the oracle's golden test
@@ -401,20 +415,81 @@ def test_dot_precision_rule(monkeypatch):
     with pytest.raises(ValueError, match="UCSEG_UPG_DOT = 'tf64'"):
         upg_head.dot_precision(z32)
     x = torch.tensor([1.0 + 2.0 ** -10, 1.0 + 2.0 ** -11, -(1.0 + 3 * 2.0 ** -12)])
-    assert upg_head._truncate_tf32(x).tolist() == [1.0 + 2.0 ** -10, 1.0, -1.0]
+    assert _truncate_tf32(x).tolist() == [1.0 + 2.0 ** -10, 1.0, -1.0]
+
+
+def _truncate_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values with the mantissa cut to tf32's 10 bits (round toward zero: how tensor cores
+    read fp32 registers as tf32 operands; the worst case of the two roundings in use)."""
+    return (x.contiguous().view(torch.int32) & -8192).view(torch.float32)  # -8192 = ~0x1FFF
+
+
+class _TF32MatMul(torch.autograd.Function):
+    """a @ b with both operands cut to tf32 in the forward and in both backward products — the
+    kernels' tl.dot products x = h·Wᵀ, dh = dx·W, dW = hᵀ·dx — accumulated in fp32."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _truncate_tf32(a) @ _truncate_tf32(b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = (_truncate_tf32(t) for t in ctx.saved_tensors)
+        g = _truncate_tf32(g)
+        return g @ b.t(), a.t() @ g
+
+
+class _BatchNormLReLU(torch.autograd.Function):
+    """Training BatchNorm + LeakyReLU(0.2) of [N, c] as the kernels compute it: y = x·scale +
+    shift, scale = γ·rstd, shift = β − μ·scale; dx = scale·(dy − Σdy/N − x̂·Σdy·x̂/N)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        mean = x.mean(0)
+        rstd = 1.0 / torch.sqrt(((x - mean) ** 2).sum(0) / x.shape[0] + eps)
+        scale = gamma * rstd
+        y = x * scale + (beta - mean * scale)
+        ctx.save_for_backward(x, y, mean, rstd, scale)
+        return torch.where(y > 0, y, 0.2 * y)
+
+    @staticmethod
+    def backward(ctx, dh):
+        x, y, mean, rstd, scale = ctx.saved_tensors
+        dy = torch.where(y > 0, dh, 0.2 * dh)
+        xh = (x - mean) * rstd
+        db, dg = dy.sum(0), (dy * xh).sum(0)
+        n = x.shape[0]
+        return (dy - db / n - xh * (dg / n)) * scale, dg, db, None
+
+
+def _run_products(head, z1, z2, A, w, tf32: bool) -> dict:
+    """`_run` of the training head in fp32 as the kernels compute it (pixel-major products,
+    `_BatchNormLReLU`), with exact (ieee) or tf32-operand products."""
+    z1, z2, A = (t.clone().requires_grad_(True) for t in (z1, z2, A))
+    mm = _TF32MatMul.apply if tf32 else torch.matmul
+    pix = lambda t: t.movedim(1, -1).reshape(-1, t.shape[1])  # noqa: E731
+    h = torch.cat([pix(z1), pix(z2)], 1) * pix(A)
+    for k in range(1, 7):
+        conv, bn = getattr(head, f"conv{k}")[:2]
+        x = mm(h, conv.weight.reshape(conv.weight.shape[0], -1).t())
+        h = _BatchNormLReLU.apply(x, bn.weight, bn.bias, bn.eps)
+    P = h.reshape(z1.shape[0], *z1.shape[2:], z1.shape[1]).movedim(-1, 1)
+    (P * w).sum().backward()
+    return {"P": P.detach(), "dz1": z1.grad, "dz2": z2.grad, "dA": A.grad,
+            **{f"grad.{n}": p.grad for n, p in head.named_parameters()}}
 
 
 @pytest.mark.parametrize("shape", [(4, 4, 32, 32), (2, 2, 10, 10, 10)], ids=["2d", "3d"])
-def test_tf32_error_is_below_bf16_autocast(shape, monkeypatch):
+def test_tf32_error_is_below_bf16_autocast(shape):
     """What `dot_precision` picks for bf16 training is more accurate than what the PyTorch head
-    does there: the fused head with tf32 products (the PyTorch twin, operands truncated to tf32 —
-    the worst case) against the PyTorch head under bf16 autocast, both from the same bf16 inputs
+    does there: the head with tf32 products (`_run_products`: the kernels' products with operands
+    truncated to tf32 — the worst case) against the PyTorch head under bf16 autocast, both from the same bf16 inputs
     at default initialisation, norm-wise relative error against float64. Measured 2026-11-26:
     P 1.0e-3 vs 1.1e-2 (2D) and 1.1e-3 vs 1.2e-2 (3D); gradients 1.8-5.8× (2D) and 1.2-6.7×
     (3D) closer; over 8 more cases (other shapes and seeds) P always ~10×, gradients 1.05-4×.
     Gradients are noisy at this level in both (LeakyReLU slopes flip where rounding moves y
     across 0). Only a GPU can time it or check Triton's own tf32 dots."""
-    monkeypatch.setattr(upg_head, "triton_usable", lambda t: False)
     B, C, *S = shape
     z1, z2, A, w = _inputs(B, C, tuple(S))
     z1, z2, A = (t.to(torch.bfloat16).double() for t in (z1, z2, A))
@@ -434,8 +509,7 @@ def test_tf32_error_is_below_bf16_autocast(shape, monkeypatch):
         return {k: ((out[k].double() - exact[k]).norm() / exact[k].norm()).item() for k in keys}
     errs = {}
     for prec in ("ieee", "tf32"):
-        monkeypatch.setattr(upg_head, "DOT_PRECISION", prec)
-        errs[prec] = err(_run(heads(torch.float32)[1], *x32, True))
+        errs[prec] = err(_run_products(heads(torch.float32)[1], *x32, tf32=prec == "tf32"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         errs["bf16"] = err(_run(heads(torch.float32)[0], *x32, False))
     assert max(errs["ieee"].values()) < 1e-5
@@ -447,11 +521,11 @@ def test_tf32_error_is_below_bf16_autocast(shape, monkeypatch):
 
 # ----- per-layer ops: running statistics, weight layouts, op checks ------------------------------
 @pytest.mark.parametrize("momentum", [None, 0.3], ids=["cumulative", "m0.3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["kernel", "twin"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["kernel", "reference"])
 def test_running_statistics_like_batchnorm(momentum, dtype):
     """FusedFusionHead updates running mean / var / num_batches_tracked as nn.BatchNorm does, for
     momentum=None (cumulative average: the kernel reads num_batches_tracked) and another momentum,
-    over two training steps; fp32 runs `_running_kernel`, float64 the PyTorch twin."""
+    over two training steps; fp32 runs `_running_kernel`, float64 `reference.bn_running_update`."""
     if dtype == torch.float32 and not triton_usable(torch.zeros(1)):
         pytest.skip("Triton kernel not runnable here")
     ref, fus = _heads(4, 2, dtype)

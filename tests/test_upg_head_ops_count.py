@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ucseg_fast.models.upg import FusedFusionHead, FusionHead
-from ucseg_fast.ops import upg_head
+from ucseg_fast.ops import upg_head_kernels
 from ucseg_fast.ops._triton_utils import triton, triton_usable
 
 needs_kernel = pytest.mark.skipif(not triton_usable(torch.zeros(1)),
@@ -55,9 +55,10 @@ class _OpCounter(TorchDispatchMode):
 
 
 def _patch_launches(monkeypatch) -> dict:
-    """Wrap every kernel's `run` in ops/upg_head.py; launches go to `state["counter"]`."""
+    """Wrap every kernel's `run` in ops/upg_head_kernels.py; launches go to `state["counter"]`."""
     state: dict = {"counter": None}
-    kernels = {n: k for n, k in vars(upg_head).items() if isinstance(k, triton.runtime.jit.KernelInterface)}
+    kernels = {n: k for n, k in vars(upg_head_kernels).items()
+               if isinstance(k, triton.runtime.jit.KernelInterface)}
     assert "_head_kernel" in kernels
     for name, kern in kernels.items():
         def run(*args, _run=kern.run, _name=name, **kw):

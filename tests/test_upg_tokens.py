@@ -158,8 +158,8 @@ def test_head_token_A_equals_pixel_A(B, C, spatial, p, cl, strided, train, monke
     """Triton sweeps: A as tokens [B,N,p^d] (contiguous or a strided view) == A as [B,1,*S] — P, batch
     and running statistics, every gradient; dA comes back as tokens (== Patchify of the pixel dA)."""
     if B == 3:  # several programs: the in-program merges run with token-indexed A
-        monkeypatch.setattr(upg_head, "FWD_PROGRAMS", 2)
-        monkeypatch.setattr(upg_head, "BWD_PROGRAMS", 2)
+        monkeypatch.setattr(upg_head, "sm_count", lambda device: 1)  # 2 programs a sweep
+        monkeypatch.setattr(upg_head, "SWEEP_PROGRAMS_PER_SM", 2)
     g = _gen(5)
     z1 = torch.randn(B, C, *spatial, generator=g) * 3 + 1
     z2 = torch.randn(B, C, *spatial, generator=g) * 2 - 0.5
@@ -184,8 +184,8 @@ def test_head_token_A_equals_pixel_A(B, C, spatial, p, cl, strided, train, monke
         assert torch.equal(tok[k], pix[k]), k
 
 
-def test_head_token_A_torch_twin_float64():
-    """float64 (the `_TorchRunner` twin of the sweeps): token A == pixel A, train and eval."""
+def test_head_token_A_reference_float64():
+    """float64 (the reference path, A unpatchified): token A == pixel A, train and eval."""
     g = _gen(6)
     B, C, spatial, p = 2, 3, (4, 2, 6), 2
     z1, z2, w = (torch.randn(B, C, *spatial, generator=g, dtype=torch.float64) for _ in range(3))
@@ -396,7 +396,7 @@ def test_build_model_wires_the_token_path():
     as the plain modules (same weights), u/A returned as tokens."""
     from ucseg_fast.config import load_config
     from ucseg_fast.models.upg import unpatchify
-    from ucseg_fast.train.trainer import build_model
+    from ucseg_fast.train.recipe import build_model
 
     base = ["--data.img_size=[32,32]", "--data.num_classes=2", "--model.patch_size=16"]
     torch.manual_seed(0)

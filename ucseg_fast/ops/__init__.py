@@ -5,8 +5,8 @@
 Each op is a Triton kernel behind a `torch.library` custom op (`torch.ops.ucseg.*`, with a fake
 kernel and a registered backward), so it works eagerly, under `torch.compile(fullgraph=True)`
 and inside captured CUDA graphs. Off CUDA the ops run their plain-PyTorch reference
-(`ucseg_fast.ops.reference`), or the Triton kernel under TRITON_INTERPRET=1. `set_backend`
-("auto" | "triton" | "reference", env UCSEG_OPS_BACKEND) overrides the choice.
+(`ucseg_fast.ops.reference`), or the Triton kernel under TRITON_INTERPRET=1.
+`set_backend("auto" | "triton" | "reference")` overrides the choice.
 """
 from __future__ import annotations
 

@@ -1,11 +1,20 @@
-"""Shared plumbing of the fused ops: optional Triton import, backend switch, layout helpers.
+"""Shared plumbing of the fused ops: optional Triton import, backend switch, layout helpers,
+launch geometry.
 
 Triton is an optional dependency (`pip install ucseg-fast[triton]`): without it every op runs
 its plain-PyTorch reference (`ops/reference.py`), so the package imports and trains anywhere.
-Nothing here touches CUDA at import time.
+Nothing here touches CUDA at import time, and no environment variable but TRITON_INTERPRET
+(which triton itself reads) is consulted: the backend is chosen by `set_backend`, and launch
+geometry is computed per call from the shapes and the device —
+  `tile_sizes`: a [BLOCK_C, BLOCK_S] register tile of ~TILE_ELEMS = 2048 elements, all classes
+    (BLOCK_C = next_pow2(C)) of BLOCK_S ≥ 16 pixels;
+  `num_warps_for`: 8 warps for a tile of 4096 elements or more, else 4;
+  `sm_count`: the device's streaming multiprocessors, for kernels that size their grid to the
+    machine (128 under the CPU interpreter, where there are none).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import types
@@ -26,9 +35,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 Backend = Literal["auto", "triton", "reference"]
 _BACKENDS = ("auto", "triton", "reference")
-_backend: str = os.environ.get("UCSEG_OPS_BACKEND", "auto")
-if _backend not in _BACKENDS:
-    raise ValueError(f"UCSEG_OPS_BACKEND={_backend!r}: expected one of {_BACKENDS}")
+_backend: str = "auto"
 
 # Per-sample element offsets are int32 inside the kernels (the batch offset is int64).
 _MAX_SAMPLE_ELEMS = 2**31 - 1
@@ -129,10 +136,9 @@ def flat_layout(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return t, t.stride(0), t.stride(1), stride_s
 
 
-# Launch tuning (module globals so a benchmark sweep can change them): elements of one
-# [BLOCK_C, BLOCK_S] register tile, and the warps of a program (None: 4, or 8 from 4096 up).
-TILE_ELEMS = int(os.environ.get("UCSEG_OPS_TILE", "2048"))
-NUM_WARPS: int | None = int(os.environ["UCSEG_OPS_WARPS"]) if os.environ.get("UCSEG_OPS_WARPS") else None
+# Elements of one [BLOCK_C, BLOCK_S] register tile (module docstring: the launch geometry).
+TILE_ELEMS = 2048
+_INTERPRETER_SMS = 128
 
 
 def cdiv(a: int, b: int) -> int:
@@ -153,9 +159,19 @@ def tile_sizes(C: int, S: int, target: int | None = None) -> tuple[int, int]:
 
 
 def num_warps_for(block_c: int, block_s: int) -> int:
-    if NUM_WARPS is not None:
-        return NUM_WARPS
     return 8 if block_c * block_s >= 4096 else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (cached per device); 128 off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 if HAS_TRITON:

@@ -1,7 +1,7 @@
 """Connected components and per-class largest-component filtering (the `nms` pseudo-label rule).
 
 Why this exists: the reference spends most of a training step in CPU connected-component
-labelling (skimage on pseudo-labels copied off the GPU, METHOD.md §6.4). Four backends give the
+labelling (skimage on pseudo-labels copied off the GPU, docs/method.md §6.4). Four backends give the
 same partition and the *same ids*:
 
 * native CUDA library (`ucseg_fast.native`, block union-find) for CUDA tensors when it is built;
@@ -12,7 +12,7 @@ same partition and the *same ids*:
   tensors with neither (or with the ops backend set to "reference"): it syncs with the host
   every iteration (warned once) — it also runs on CPU, which is how tests check it;
 * scipy.ndimage on CPU (the reference's path), except that with the ops backend forced to
-  "triton" (`ops.set_backend("triton")` / UCSEG_OPS_BACKEND=triton) under TRITON_INTERPRET=1
+  "triton" (`ops.set_backend("triton")`) under TRITON_INTERPRET=1
   CPU tensors run the Triton kernels in the interpreter (so a CPU tool runs what the GPU runs).
 
 Conventions (all paths):
@@ -373,7 +373,7 @@ def largest_component(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     connected (8 in 2D, 26 in 3D) component of {labels == c}; everything else → 0.
 
     On equal sizes the component whose first pixel in C order comes first wins (what
-    `scipy.ndimage.label` / skimage `label` + argmax pick, METHOD.md §6.4). labels: integer
+    `scipy.ndimage.label` / skimage `label` + argmax pick, docs/method.md §6.4). labels: integer
     class map `[B, H, W]` or `[B, D, H, W]`; the result has its shape, dtype and device."""
     _resolve_connectivity(labels.shape, None)
     if labels.is_floating_point() or labels.is_complex():

@@ -1,13 +1,13 @@
 """Evidential (Dirichlet vacuity) uncertainty, fused: u = C / Σ_c (softplus(z_c) + 1).
 
-Math (METHOD.md §6.2): α_c = softplus(z_c) + 1 with PyTorch's threshold 20 (softplus(x) = x
+Math (docs/method.md §6.2): α_c = softplus(z_c) + 1 with PyTorch's threshold 20 (softplus(x) = x
 for x > 20), S = Σ_c α_c, u = C / S ∈ (0, 1], float32.
 Backward: ∂u/∂z_c = −C·σ(z_c)/S², σ replaced by exactly 1 for z_c > 20 (PyTorch's softplus
 backward); S is recomputed from z, so nothing but the logits is saved.
 
 Two output layouts, same kernels (a constexpr switch):
 * pixel layout (default): u [B, 1, *spatial];
-* token layout (`patch_size=p`, METHOD.md §6.2/§6.7): u written directly as the contiguous
+* token layout (`patch_size=p`, docs/method.md §6.2/§6.7): u written directly as the contiguous
   patch tokens [B, N, p^d] the cross-attention's patch embedding reads — exactly
   `Patchify(p)(u_pixel)` (tokens row-major over the patch grid, features row-major inside a
   patch). The kernel computes each pixel's token offset (`token_nf`), so the separate

@@ -32,7 +32,7 @@ def _compute_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def evidential_uncertainty(logits: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dirichlet vacuity u = C / Σ_c (softplus(z_c) + 1), [B, 1, *spatial] (METHOD.md §6.2)."""
+    """Dirichlet vacuity u = C / Σ_c (softplus(z_c) + 1), [B, 1, *spatial] (docs/method.md §6.2)."""
     z = logits.to(_compute_dtype(logits, dtype))
     C = z.shape[1]
     return C / (F.softplus(z) + 1).sum(1, keepdim=True)
@@ -96,7 +96,7 @@ def _zero_loss(z: torch.Tensor) -> torch.Tensor:
 def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
                       *, dice_weight: float = 0.0, eps: float = 1e-5, ignore_index: int = -100,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Masked CE mean over kept pixels + dice_weight × soft Dice loss (METHOD.md §2.1, §6.5).
+    """Masked CE mean over kept pixels + dice_weight × soft Dice loss (docs/method.md §2.1, §6.5).
 
     m_i = mask_i and labels_i in [0, C) and labels_i != ignore_index (the counted pixels);
     CE = Σ_i m_i·(−Σ_c y_ic log p_ic) / max(1, Σ_i m_i)  (no counted pixel → 0, zero gradient);
@@ -155,7 +155,7 @@ _OUTPUT_ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16:
 
 def tolerance(oracle: torch.Tensor, baseline: torch.Tensor, *, atol: float = 0.0,
               out_dtype: torch.dtype = torch.float32) -> float:
-    """Allowed max |ours − oracle| (DESIGN.md §7): twice the error of the same computation done
+    """Allowed max |ours − oracle| (docs/design.md §7): twice the error of the same computation done
     by PyTorch in the input's precision (`baseline`), plus `atol`, plus one rounding of the
     largest oracle value to `out_dtype` (outputs stored in bf16/fp16, e.g. gradients)."""
     scale = float(oracle.detach().double().abs().max()) if oracle.numel() else 0.0  # sync-ok: test helper
@@ -301,3 +301,45 @@ def prediction_stats(z1: torch.Tensor, z2: torch.Tensor, P_u: torch.Tensor | Non
         return prediction_stats_from_probs(prob(z1), prob(z2),
                                            prob(P_u) if P_u is not None else None, y_l,
                                            binary=binary)
+
+
+def fusion_head(z1: torch.Tensor, z2: torch.Tensor, A: torch.Tensor, weight, gamma, beta,
+                running_mean, running_var, training: bool, eps: float
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """UC-Seg's UPG fusion head on F = cat(A·z1, A·z2): six (1×1 conv → BatchNorm → LeakyReLU
+    0.2) layers, as `models.upg.FusionHead` computes them, from the layers' own tensors (conv
+    weight [cₖ, cₖ₋₁, 1, …], BN γ, β, running mean / var [cₖ]); A [B, 1, *S].
+
+    Returns (P like z1, per-layer means, per-layer variances): the batch mean and biased
+    variance in training, the running statistics in eval (the running statistics are not
+    updated here: `bn_running_update`). float32 (float64 for float64 inputs), differentiable."""
+    ct = _compute_dtype(z1, None)
+    B, C, *S = z1.shape
+    pix = lambda t: t.to(ct).movedim(1, -1).reshape(-1, t.shape[1])  # noqa: E731 - [N, c]
+    h = torch.cat([pix(z1), pix(z2)], 1) * pix(A)
+    means, variances = [], []
+    for k, w in enumerate(weight):
+        x = h @ w.reshape(w.shape[0], -1).to(ct).t()
+        if training:
+            mean, var = x.mean(0), x.var(0, unbiased=False)
+        else:
+            mean, var = running_mean[k].to(ct), running_var[k].to(ct)
+        means.append(mean.detach())
+        variances.append(var.detach())
+        y = (x - mean) * torch.rsqrt(var + eps) * gamma[k].to(ct) + beta[k].to(ct)
+        h = F.leaky_relu(y, 0.2)
+    return h.reshape(B, *S, C).movedim(-1, 1), means, variances
+
+
+@torch.no_grad()
+def bn_running_update(running_mean: torch.Tensor, running_var: torch.Tensor, nbt: torch.Tensor,
+                      mean: torch.Tensor, var: torch.Tensor, n: int, momentum: float | None) -> None:
+    """nn.BatchNorm's running-statistics update, in place, from the batch mean / biased var over
+    n values: num_batches_tracked += 1, running = m·batch + (1 − m)·running with m = momentum, or
+    1/num_batches_tracked (a double, device-side) for momentum=None; the variance unbiased."""
+    nbt.add_(1)
+    m = 1.0 / nbt.to(torch.float64) if momentum is None else momentum
+    bm = mean.to(running_mean.dtype)
+    bv = (var * (n / (n - 1))).to(running_var.dtype)
+    running_mean.copy_(m * bm + (1 - m) * running_mean)
+    running_var.copy_(m * bv + (1 - m) * running_var)

@@ -1,96 +1,17 @@
-"""UPG fusion head, fused by recomputation: six (1×1 conv → BatchNorm → LeakyReLU 0.2) layers.
+"""UPG fusion head by recompute sweeps: launches, autograd, custom ops and the public API.
 
-Math (METHOD.md §6.3), per pixel i, F(i) = [A·z1(i), A·z2(i)] (2C values), h0 = F:
-  x_k = W_k h_{k−1}   (W_k: [c_k, c_{k−1}], no bias; the BN input)
-  y_k = a_k·x_k + b_k, a_k = γ_k·rstd_k, b_k = β_k − μ_k·a_k, rstd_k = 1/sqrt(var_k + eps)
-  h_k = LReLU_0.2(y_k);   P = h_6
-Training: μ_k, var_k are the batch mean / biased variance of x_k over all B·S pixels.
-Backward (dy_k = dh_k·LReLU'(y_k), x̂_k = (x_k − μ_k)·rstd_k, N = B·S):
-  dβ_k = Σ dy_k,  dγ_k = Σ dy_k·x̂_k,
-  dx_k = a_k·(dy_k − dβ_k/N − x̂_k·dγ_k/N)   (eval: dx_k = a_k·dy_k),
-  dh_{k−1} = W_kᵀ dx_k,  dW_k = Σ_i dx_k h_{k−1}ᵀ,  dz1 = A·dF[:C], dz2 = A·dF[C:],
-  dA = Σ_c z1_c dF_c + z2_c dF_{C+c}.
+P = head(cat(A·z1, A·z2)), six (1×1 conv → BatchNorm → LeakyReLU 0.2) layers, computed by the
+Triton kernels of `upg_head_kernels.py` (its header: the math, the recompute scheme, the bytes,
+the layout, the launches and their geometry). Only P and per-layer statistics are written in
+the forward; nothing is stored for the backward.
 
-Recompute scheme: nothing but P (and [6, W] statistics) is written in the forward, nothing but
-dz1, dz2, dA (and small per-program partials) in the backward. Each *sweep* reads z1, z2, A
-(2C+1 values per pixel) and recomputes the layers it needs in registers:
-  forward (train): sweep j = 1..6 recomputes layers 1..j−1 with the statistics already known and
-    reduces x_j's statistics; sweep 7 emits P.  Eval: sweep 7 only (running statistics).
-  backward (train): sweep k = 6..1 recomputes the forward and the backward down to dy_k and
-    reduces Σdy_k, Σdy_k·x̂_k; a final sweep emits dz1, dz2, dA and the per-program partials of
-    all six dW_k and of dγ, dβ.  Eval: the final sweep only.
-Traffic per pixel (e bytes per input element): forward 7·(2C·e + e) read + C·e written; backward
-7·(2C·e + e + C·e) read + (2C+1)·e written — against ≈ 2·(160 + C)·4 bytes written and read
-again by the eager chain (conv/BN/LReLU activations kept for the backward, METHOD §6.1).
+Where Triton cannot run (float64 golden parity, a CPU without the interpreter) or the ops backend
+is "reference", `fusion_head_layers` / `fusion_head` compute `reference.fusion_head` — the head's
+math in plain PyTorch, differentiated by autograd — and `reference.bn_running_update` (a
+token-layout A is unpatchified first); the custom ops themselves always run the kernels.
 
-Statistics (numerical choice): each program merges per-tile (count, mean, M2) with Chan's
-parallel formula (M2 = Σ(x − mean)², never Σx² − N·mean²), and the per-program partials are
-merged the same way by a one-program kernel (`_bn_finalize_kernel`, which also writes the BN
-affine the next sweep reads). This has no catastrophic cancellation when
-|mean| ≫ std (the head's first layer sees A·logits with large means). Measured against float64
-on [4,4,64,64] (as launched: 256 programs of one 64-pixel tile): logits ~N(0,3): relative variance error
-1.4e-7 (layer 1), 2.0e-7 (all layers); logits with mean 300, std 0.03: 5.3e-6 / 6.7e-5, where the
-naive fp32 E[x²] − E[x]² is off by 2.6e-2 (tests/test_ops_upg_head.py checks < 1e-3 there).
-(The final merge moved from PyTorch into that kernel, same formula; under the CPU
-interpreter, same [4,4,64,64] shape with another initialisation, the largest relative variance
-error went from 9.1e-8 to 1.5e-7 (layer 1) and 2.2e-7 to 4.1e-7 (all layers) for N(0,3) logits,
-and stayed 1.5e-7 / went from 1.8e-6 to 2.7e-6 for mean 300, std 0.03: fp32 rounding either way.)
-Per-program partials, then a fixed-order reduction: deterministic, no atomics; eager, compiled
-and graph-replayed runs agree bit for bit.
-
-Products use tl.dot (all widths padded to ≥ 16) with input_precision "ieee" (exact fp32
-products) or "tf32" (tensor cores: fp32 operands read with a 10-bit mantissa, fp32 accumulation),
-chosen per call by `dot_precision` (env UCSEG_UPG_DOT = auto | ieee | tf32 | tf32x3, default
-auto; tf32x3 = three tf32 products, near-fp32, only when asked for; devices without tensor cores
-ignore the choice):
-  auto → "tf32" when the logits are bf16 / fp16 (autocast training: the PyTorch head computes these
-  very products as bf16 1×1 convolutions there, an 8-bit mantissa), or when they are fp32 and
-  `torch.get_float32_matmul_precision()` is not "highest" (the user allowed TF32 matmuls; the
-  Trainer does on CUDA); "ieee" otherwise (fp32 with the default precision: exact products).
-Why it matters: the head is compute-bound, not memory-bound. The recompute sweeps cost about
-90 k multiply-adds a pixel for forward + backward (25 k in the 7 forward sweeps, 65 k in the 7
-backward ones; widths padded to 16, 16, 32, 64, 32, 16, 16 at C = 4), 142 G at the ACDC shape
-(24 × 256²): 4.2 ms at the fp32 FMA peak of an H100's CUDA cores (67 TFLOP/s), 0.6 ms at its
-dense TF32 tensor-core peak (495 TFLOP/s) — arithmetic from the datasheet, not yet timed.
-Accuracy (CPU, the PyTorch twin with tf32 operands emulated by truncation, the worst case;
-norm-wise relative error against float64 from the same bf16 inputs): P 1e-3 against the PyTorch
-head's 1.1e-2 under bf16 autocast, every gradient 1.05-6.7× closer than the autocast head's
-(tests/test_ops_upg_head.py::test_tf32_error_is_below_bf16_autocast); "ieee" is at 3e-7.
-
-Not fused here, on purpose: P's pseudo-label (argmax / threshold) and P's loss partials. At the
-ACDC shape in bf16 they would save, per step, the argmax read of P's unlabeled half (6.3 MB), the
-loss kernels' reads of P's labeled half and their dP write (19 MB), the zero-filled full dP of
-the slice backward (25 MB) and the 7 reads of dP by the backward sweeps (88 MB, against 11 MB of
-int8 labels): about 125 MB, 30 µs at 4 TB/s, 1-5 % of the head's own compute above (byte counts,
-not measurements). The price: the head op would take the labels, λ and the loss constants,
-return loss terms as a second differentiable output whose reductions its backward depends on,
-and carry a copy of the CE / Dice / AU math that `ops.fusion_loss` already owns.
-
-Layout: z1, z2 [B, C, *S] and A [B, 1, *S] whose spatial dims collapse to one stride
-(contiguous or channels-last; read in place); P and dz in the layout of `empty_like(z1/z2)`.
-A may instead come as the cross-attention's output tokens [B, N, p^d] (`a_patch_size=p`,
-`Patchify(p)` order, any strides): every sweep, forward and backward, computes each pixel's
-token n and in-patch feature f from its spatial index (`evidential.token_nf`: two integer
-divisions by H, W and divisions by the constexpr p) and loads A at b·sA_b + n·sA_n + f·sA_f;
-the final backward sweep stores dA there too (dA in A's layout). This removes the unpatchify
-copy of A (a [B, N, p^d] read and a [B, 1, *S] write, and the same again for dA in the
-backward); A's loads/stores come in contiguous runs of p values instead of whole rows.
-Channel widths are padded to powers of two ≥ 16 (tl.dot's minimum) in registers only: the
-kernels read each layer's own conv weight [cₖ, cₖ₋₁, 1, …] (contiguous or channels-last, in
-place) and BN tensors through one pointer per layer with masked loads, so padded rows, columns
-and γ are 0 and padded channels stay exactly 0.
-
-Launches: between the Triton launches nothing but allocations is dispatched — no
-packing, no per-layer PyTorch merges, no gradient copies. Training forward: 6 × (statistics
-sweep + `_bn_finalize_kernel`), the emit sweep, and `_running_kernel` (op
-`ucseg::bn_running_update`: nn.BatchNorm's running-statistics update of all six layers in
-place); backward: 6 × (Σdy, Σdy·x̂ sweep + `_bwd_coef_kernel`), the final sweep and
-`_grad_reduce_kernel`, which writes every layer's dW, dγ, dβ into per-layer gradient tensors.
-14 + 14 launches (eval: 2 + 2); tests/test_upg_head_ops_count.py pins it.
-
-float64 (golden parity) and non-Triton devices run the same
-sweeps in PyTorch (`_TorchRunner`), so the algorithm itself is checked against the golden vectors;
-given token A it unpatchifies A once (it works on pixel-major copies anyway) and patchifies dA.
+The kernels' tl.dot input precision is chosen per call by `dot_precision` (env UCSEG_UPG_DOT =
+auto | ieee | tf32 | tf32x3, a numerical choice documented in the README, read at import).
 """
 from __future__ import annotations
 
@@ -101,27 +22,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._triton_utils import cdiv, flat_layout, next_pow2, spatial_size, tl, triton, triton_usable, use_triton
-from .evidential import patchify_map, token_geometry, token_nf, unpatchify_map
+from . import reference
+from ._triton_utils import cdiv, flat_layout, next_pow2, sm_count, spatial_size, triton_usable, use_triton
+from .evidential import token_geometry, unpatchify_map
+from .upg_head_kernels import (_bn_finalize_kernel, _bwd_coef_kernel, _eval_affine_kernel,
+                               _grad_reduce_kernel, _head_kernel, _running_kernel)
 
 __all__ = ["fusion_head", "fusion_head_layers", "pack_head_params", "dot_precision", "NUM_LAYERS"]
 
 NUM_LAYERS = 6
-_ROWS = 6  # rows of the per-layer vector buffer: scale, shift, mean, rstd, c1 = Σdy/N, c2 = Σdy·x̂/N
-BLOCK_S = int(os.environ.get("UCSEG_UPG_BLOCK_S", "64"))  # pixels per tile (tl.dot needs ≥ 16)
-FWD_PROGRAMS = int(os.environ.get("UCSEG_UPG_FWD_PROGRAMS", "1024"))
-# the final backward sweep writes [programs, 6, W, W] weight-grad partials: keep them few
-BWD_PROGRAMS = int(os.environ.get("UCSEG_UPG_BWD_PROGRAMS", "264"))
-DOT_PRECISION = os.environ.get("UCSEG_UPG_DOT", "auto")  # auto | ieee | tf32, see dot_precision
-_TORCH_CHUNK = 65536  # pixels per "program" of the PyTorch sweeps
-RECOMPUTE_TORCH = False  # see _TorchRunner
+# launch geometry (upg_head_kernels header): pixels a tile (tl.dot needs ≥ 16), programs per SM
+# of the sweeps and of the final backward sweep, partial rows a reduction step, Wₖᵀ rows a program
+BLOCK_S = 64
+SWEEP_PROGRAMS_PER_SM = 8
+FINAL_PROGRAMS_PER_SM = 2
+_RED_P = 64
+_GRAD_ROWS = 16
+DOT_PRECISION = os.environ.get("UCSEG_UPG_DOT", "auto")  # auto | ieee | tf32 | tf32x3
 
 
 _PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
 
 
 def dot_precision(z: Tensor) -> str:
-    """The kernel's tl.dot input precision for logits `z` (module docstring: the auto rule);
+    """The kernels' tl.dot input precision for logits `z` (upg_head_kernels header: the rule);
     `DOT_PRECISION` (env UCSEG_UPG_DOT) other than "auto" forces it."""
     if DOT_PRECISION not in _PRECISIONS:
         raise ValueError(f"UCSEG_UPG_DOT = {DOT_PRECISION!r}; choose one of {', '.join(_PRECISIONS)}")
@@ -134,560 +58,8 @@ def dot_precision(z: Tensor) -> str:
     return "ieee"
 
 
-def _truncate_tf32(x: Tensor) -> Tensor:
-    """fp32 values with the mantissa cut to tf32's 10 bits (round toward zero: how tensor cores
-    read fp32 registers as tf32 operands; the worst case of the two roundings in use)."""
-    return (x.contiguous().view(torch.int32) & -8192).view(torch.float32)  # -8192 = ~0x1FFF
-
-
-def _mm(a: Tensor, b: Tensor, tf32: bool) -> Tensor:
-    return _truncate_tf32(a) @ _truncate_tf32(b) if tf32 else a @ b
-
-
 def _padded(chans: Sequence[int]) -> list[int]:
     return [max(16, next_pow2(c)) for c in chans]
-
-
-# =========================================================================== Triton kernels
-@triton.jit
-def _wt_tile(w_ptr, PI: tl.constexpr, PO: tl.constexpr, RI: tl.constexpr, RO: tl.constexpr):
-    """Wₖᵀ as a zero-padded [PI, PO] tile, read in place from the layer's own conv weight
-    [RO, RI, 1, …] (element (o, i) at o·RI + i: contiguous or channels-last; tiny, stays in cache)."""
-    i = tl.arange(0, PI)
-    o = tl.arange(0, PO)
-    return tl.load(w_ptr + o[None, :] * RI + i[:, None], mask=(i < RI)[:, None] & (o < RO)[None, :],
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _vec(vec_ptr, K: tl.constexpr, ROW: tl.constexpr, PO: tl.constexpr, MAXW: tl.constexpr):
-    """Row ROW (0 scale, 1 shift, 2 mean, 3 rstd) of layer K+1 in the [6, 4, MAXW] affine buffer."""
-    return tl.load(vec_ptr + (K * 4 + ROW) * MAXW + tl.arange(0, PO))
-
-
-@triton.jit
-def _cvec(cv_ptr, K: tl.constexpr, ROW: tl.constexpr, PO: tl.constexpr, MAXW: tl.constexpr):
-    """Row ROW (0: c1 = Σdy/N, 1: c2 = Σdy·x̂/N) of layer K+1 in the backward's [6, 2, MAXW] buffer."""
-    return tl.load(cv_ptr + (K * 2 + ROW) * MAXW + tl.arange(0, PO))
-
-
-@triton.jit
-def _fwd_layer(h, w_ptr, vec_ptr, K: tl.constexpr, PI: tl.constexpr, PO: tl.constexpr,
-               RI: tl.constexpr, RO: tl.constexpr, MAXW: tl.constexpr, PREC: tl.constexpr,
-               ACT: tl.constexpr):
-    """(x, y, h') of layer K+1 for a [BLOCK_S, PI] tile h; ACT=False (the layer whose statistics
-    a sweep reduces: its affine is not computed yet) gives x only (y = h' = x, unused)."""
-    x = tl.dot(h, _wt_tile(w_ptr, PI, PO, RI, RO), input_precision=PREC)
-    if ACT:
-        y = x * _vec(vec_ptr, K, 0, PO, MAXW)[None, :] + _vec(vec_ptr, K, 1, PO, MAXW)[None, :]
-        hn = tl.where(y > 0, y, 0.2 * y)
-    else:
-        y = x
-        hn = x
-    return x, y, hn
-
-
-@triton.jit
-def _act(x, vec_ptr, K: tl.constexpr, PO: tl.constexpr, MAXW: tl.constexpr):
-    """h = LReLU(BN(x)) of layer K+1, recomputed from x in the backward: only the x_k tiles stay
-    live across a backward sweep (y_k, h_k are one FMA + select away), a third of the registers."""
-    y = x * _vec(vec_ptr, K, 0, PO, MAXW)[None, :] + _vec(vec_ptr, K, 1, PO, MAXW)[None, :]
-    return tl.where(y > 0, y, 0.2 * y)
-
-
-@triton.jit
-def _bn_bwd(dh, x, valid, vec_ptr, cv_ptr, K: tl.constexpr, PO: tl.constexpr, MAXW: tl.constexpr,
-            TRAIN: tl.constexpr, HAS_C: tl.constexpr):
-    """(dy, x̂, dx) of layer K+1; rows outside the batch get dx = 0 (they must not reach dW).
-    HAS_C=False: the layer whose c1, c2 a sweep reduces (not computed yet; its dx is unused)."""
-    y = x * _vec(vec_ptr, K, 0, PO, MAXW)[None, :] + _vec(vec_ptr, K, 1, PO, MAXW)[None, :]
-    dy = tl.where(y > 0, dh, 0.2 * dh)
-    xhat = (x - _vec(vec_ptr, K, 2, PO, MAXW)[None, :]) * _vec(vec_ptr, K, 3, PO, MAXW)[None, :]
-    g = dy
-    if TRAIN:
-        if HAS_C:
-            g = dy - _cvec(cv_ptr, K, 0, PO, MAXW)[None, :] - xhat * _cvec(cv_ptr, K, 1, PO, MAXW)[None, :]
-    dx = tl.where(valid[:, None], g * _vec(vec_ptr, K, 0, PO, MAXW)[None, :], 0.0)
-    return dy, xhat, dx
-
-
-@triton.jit
-def _dh_prev(dx, w_ptr, PI: tl.constexpr, PO: tl.constexpr, RI: tl.constexpr, RO: tl.constexpr,
-             PREC: tl.constexpr):
-    """dh_{K} = dx Wₖ: [BLOCK_S, PO] × [PO, PI]."""
-    return tl.dot(dx, tl.trans(_wt_tile(w_ptr, PI, PO, RI, RO)), input_precision=PREC)
-
-
-@triton.jit
-def _acc_dw(acc, h_prev, dx, PREC: tl.constexpr):
-    """acc[PI, PO] += h_prevᵀ dx (the transposed weight gradient of this tile)."""
-    return acc + tl.dot(tl.trans(h_prev), dx, input_precision=PREC)
-
-
-@triton.jit
-def _store_dw(dw_ptr, K: tl.constexpr, acc, PI: tl.constexpr, PO: tl.constexpr, MAXW: tl.constexpr):
-    i = tl.arange(0, PI)
-    o = tl.arange(0, PO)
-    tl.store(dw_ptr + K * MAXW * MAXW + i[:, None] * MAXW + o[None, :], acc)
-
-
-@triton.jit
-def _a_offset(b, s, sab, sa1, sa2, H, W, GH, GW, A_TOK: tl.constexpr, PATCH: tl.constexpr):
-    """Element offset of A (or dA) at pixel s of sample b: b·sab + s·sa1 in pixel layout
-    [B, 1, *S]; b·sab + n·sa1 + f·sa2 in token layout [B, N, p^d], with the pixel's token n and
-    in-patch feature f computed here (int32: s < S < 2**31) — no unpatchify copy of A."""
-    if A_TOK:
-        n, f = token_nf(s.to(tl.int32), H, W, GH, GW, PATCH)
-        off = b * sab + n.to(tl.int64) * sa1 + f.to(tl.int64) * sa2
-    else:
-        off = b * sab + s * sa1
-    return off
-
-
-@triton.jit
-def _head_kernel(z1_ptr, z2_ptr, a_ptr, w1_ptr, w2_ptr, w3_ptr, w4_ptr, w5_ptr, w6_ptr, vec_ptr, cv_ptr,
-                 out_ptr, dp_ptr, dz1_ptr, dz2_ptr, da_ptr, part_ptr, dw_ptr, NPIX, S, n_tiles,
-                 s1b, s1c, s1s, s2b, s2c, s2s, sab, sa1, sa2, sob, soc, sos, sgb, sgc, sgs,
-                 sd1b, sd1c, sd1s, sd2b, sd2c, sd2s, sdab, sda1, sda2, H, W, GH, GW,
-                 A_TOK: tl.constexpr, PATCH: tl.constexpr,
-                 C: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
-                 R5: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                 P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr, P6: tl.constexpr,
-                 PJ: tl.constexpr, MAXW: tl.constexpr, MODE: tl.constexpr, J: tl.constexpr,
-                 NUP: tl.constexpr, TRAIN: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr,
-                 SJ: tl.constexpr, CJ: tl.constexpr):
-    """One sweep of the recompute scheme (NUP = layers recomputed: J in MODE 0, else 6).
-    MODE 0: statistics of x_J (per-program count, mean, M2 → part [programs, 3, MAXW]);
-    MODE 1: emit P; MODE 2: Σdy_J, Σdy_J·x̂_J → part [programs, 2, MAXW]; MODE 3: dz1, dz2, dA, and per-program Σdy, Σdy·x̂ of every layer
-    (part [programs, 6, 2, MAXW]) and dWᵀ partials (dw [programs, 6, MAXW, MAXW]).
-    A_TOK: A / dA in patch-token layout [B, N, PATCH^d] (strides sab, sa1 = token, sa2 = feature;
-    sda* likewise), the token index of each pixel computed per tile; else [B, 1, *S] (sa1 = the
-    collapsed spatial stride). w1..w6: the layers' own conv weights (Wₖ [Rₖ, Rₖ₋₁], R0 = 2C,
-    R6 = C), read masked: padded rows and columns are 0. vec [6, 4, MAXW]: scale, shift, mean,
-    rstd; cv [6, 2, MAXW]: c1, c2 (read by TRAIN backward sweeps only). SJ = J in MODE 0, CJ = J in
-    MODE 2 (else 0): the layer whose affine / c1, c2 the sweep's result is for (not applied there)."""
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    rows = tl.arange(0, BLOCK_S)
-    cols = tl.arange(0, P0)
-    in1 = cols < C
-    in2 = (cols >= C) & (cols < 2 * C)
-    c2 = tl.where(in2, cols - C, 0)
-    if MODE == 0:
-        st_n = tl.zeros([PJ], tl.float32)
-        st_mean = tl.zeros([PJ], tl.float32)
-        st_m2 = tl.zeros([PJ], tl.float32)
-    if MODE == 2:
-        s_dy = tl.zeros([PJ], tl.float32)
-        s_dyx = tl.zeros([PJ], tl.float32)
-    if MODE == 3:
-        g1 = tl.zeros([P0, P1], tl.float32)
-        g2 = tl.zeros([P1, P2], tl.float32)
-        g3 = tl.zeros([P2, P3], tl.float32)
-        g4 = tl.zeros([P3, P4], tl.float32)
-        g5 = tl.zeros([P4, P5], tl.float32)
-        g6 = tl.zeros([P5, P6], tl.float32)
-        q1 = tl.zeros([P1], tl.float32)
-        r1 = tl.zeros([P1], tl.float32)
-        q2 = tl.zeros([P2], tl.float32)
-        r2 = tl.zeros([P2], tl.float32)
-        q3 = tl.zeros([P3], tl.float32)
-        r3 = tl.zeros([P3], tl.float32)
-        q4 = tl.zeros([P4], tl.float32)
-        r4 = tl.zeros([P4], tl.float32)
-        q5 = tl.zeros([P5], tl.float32)
-        r5 = tl.zeros([P5], tl.float32)
-        q6 = tl.zeros([P6], tl.float32)
-        r6 = tl.zeros([P6], tl.float32)
-    for t in range(pid, n_tiles, n_prog):
-        pix = (t * BLOCK_S + rows).to(tl.int64)  # NPIX < 2**31 (checked by the launcher)
-        valid = pix < NPIX
-        b = pix // S
-        s = pix - b * S
-        zc = tl.load(z1_ptr + (b * s1b + s * s1s)[:, None] + cols[None, :] * s1c,
-                     mask=valid[:, None] & in1[None, :], other=0.0).to(tl.float32)
-        zc += tl.load(z2_ptr + (b * s2b + s * s2s)[:, None] + c2[None, :] * s2c,
-                      mask=valid[:, None] & in2[None, :], other=0.0).to(tl.float32)
-        av = tl.load(a_ptr + _a_offset(b, s, sab, sa1, sa2, H, W, GH, GW, A_TOK, PATCH),
-                     mask=valid, other=0.0).to(tl.float32)
-        h0 = zc * av[:, None]
-        x1, y1, h1 = _fwd_layer(h0, w1_ptr, vec_ptr, 0, P0, P1, 2 * C, R1, MAXW, PREC, SJ != 1)
-        if NUP >= 2:
-            x2, y2, h2 = _fwd_layer(h1, w2_ptr, vec_ptr, 1, P1, P2, R1, R2, MAXW, PREC, SJ != 2)
-        if NUP >= 3:
-            x3, y3, h3 = _fwd_layer(h2, w3_ptr, vec_ptr, 2, P2, P3, R2, R3, MAXW, PREC, SJ != 3)
-        if NUP >= 4:
-            x4, y4, h4 = _fwd_layer(h3, w4_ptr, vec_ptr, 3, P3, P4, R3, R4, MAXW, PREC, SJ != 4)
-        if NUP >= 5:
-            x5, y5, h5 = _fwd_layer(h4, w5_ptr, vec_ptr, 4, P4, P5, R4, R5, MAXW, PREC, SJ != 5)
-        if NUP >= 6:
-            x6, y6, h6 = _fwd_layer(h5, w6_ptr, vec_ptr, 5, P5, P6, R5, C, MAXW, PREC, SJ != 6)
-        if MODE == 0:
-            if J == 1:
-                xs = x1
-            elif J == 2:
-                xs = x2
-            elif J == 3:
-                xs = x3
-            elif J == 4:
-                xs = x4
-            elif J == 5:
-                xs = x5
-            else:
-                xs = x6
-            # Chan's merge of this tile's (n, mean, M2) into the program's running triple
-            n_t = tl.sum(valid.to(tl.float32), axis=0)
-            m_t = tl.sum(tl.where(valid[:, None], xs, 0.0), axis=0) / n_t
-            d = tl.where(valid[:, None], xs - m_t[None, :], 0.0)
-            m2_t = tl.sum(d * d, axis=0)
-            n_new = st_n + n_t
-            delta = m_t - st_mean
-            st_mean += delta * (n_t / n_new)
-            st_m2 += m2_t + delta * delta * (st_n * n_t / n_new)
-            st_n = n_new
-        if MODE == 1:
-            oc = tl.arange(0, P6)
-            tl.store(out_ptr + (b * sob + s * sos)[:, None] + oc[None, :] * soc,
-                     h6.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (oc < C)[None, :])
-        if MODE >= 2:
-            oc = tl.arange(0, P6)
-            dh = tl.load(dp_ptr + (b * sgb + s * sgs)[:, None] + oc[None, :] * sgc,
-                         mask=valid[:, None] & (oc < C)[None, :], other=0.0).to(tl.float32)
-            dy, xh, dx = _bn_bwd(dh, x6, valid, vec_ptr, cv_ptr, 5, P6, MAXW, TRAIN, CJ != 6)
-            if MODE == 2 and J == 6:
-                s_dy += tl.sum(dy, axis=0)
-                s_dyx += tl.sum(dy * xh, axis=0)
-            if MODE == 3:
-                q6 += tl.sum(dy, axis=0)
-                r6 += tl.sum(dy * xh, axis=0)
-                g6 = _acc_dw(g6, _act(x5, vec_ptr, 4, P5, MAXW), dx, PREC)
-            if J <= 5:
-                dh = _dh_prev(dx, w6_ptr, P5, P6, R5, C, PREC)
-                dy, xh, dx = _bn_bwd(dh, x5, valid, vec_ptr, cv_ptr, 4, P5, MAXW, TRAIN, CJ != 5)
-                if MODE == 2 and J == 5:
-                    s_dy += tl.sum(dy, axis=0)
-                    s_dyx += tl.sum(dy * xh, axis=0)
-                if MODE == 3:
-                    q5 += tl.sum(dy, axis=0)
-                    r5 += tl.sum(dy * xh, axis=0)
-                    g5 = _acc_dw(g5, _act(x4, vec_ptr, 3, P4, MAXW), dx, PREC)
-            if J <= 4:
-                dh = _dh_prev(dx, w5_ptr, P4, P5, R4, R5, PREC)
-                dy, xh, dx = _bn_bwd(dh, x4, valid, vec_ptr, cv_ptr, 3, P4, MAXW, TRAIN, CJ != 4)
-                if MODE == 2 and J == 4:
-                    s_dy += tl.sum(dy, axis=0)
-                    s_dyx += tl.sum(dy * xh, axis=0)
-                if MODE == 3:
-                    q4 += tl.sum(dy, axis=0)
-                    r4 += tl.sum(dy * xh, axis=0)
-                    g4 = _acc_dw(g4, _act(x3, vec_ptr, 2, P3, MAXW), dx, PREC)
-            if J <= 3:
-                dh = _dh_prev(dx, w4_ptr, P3, P4, R3, R4, PREC)
-                dy, xh, dx = _bn_bwd(dh, x3, valid, vec_ptr, cv_ptr, 2, P3, MAXW, TRAIN, CJ != 3)
-                if MODE == 2 and J == 3:
-                    s_dy += tl.sum(dy, axis=0)
-                    s_dyx += tl.sum(dy * xh, axis=0)
-                if MODE == 3:
-                    q3 += tl.sum(dy, axis=0)
-                    r3 += tl.sum(dy * xh, axis=0)
-                    g3 = _acc_dw(g3, _act(x2, vec_ptr, 1, P2, MAXW), dx, PREC)
-            if J <= 2:
-                dh = _dh_prev(dx, w3_ptr, P2, P3, R2, R3, PREC)
-                dy, xh, dx = _bn_bwd(dh, x2, valid, vec_ptr, cv_ptr, 1, P2, MAXW, TRAIN, CJ != 2)
-                if MODE == 2 and J == 2:
-                    s_dy += tl.sum(dy, axis=0)
-                    s_dyx += tl.sum(dy * xh, axis=0)
-                if MODE == 3:
-                    q2 += tl.sum(dy, axis=0)
-                    r2 += tl.sum(dy * xh, axis=0)
-                    g2 = _acc_dw(g2, _act(x1, vec_ptr, 0, P1, MAXW), dx, PREC)
-            if J <= 1:
-                dh = _dh_prev(dx, w2_ptr, P1, P2, R1, R2, PREC)
-                dy, xh, dx = _bn_bwd(dh, x1, valid, vec_ptr, cv_ptr, 0, P1, MAXW, TRAIN, CJ != 1)
-                if MODE == 2:
-                    s_dy += tl.sum(dy, axis=0)
-                    s_dyx += tl.sum(dy * xh, axis=0)
-                if MODE == 3:
-                    q1 += tl.sum(dy, axis=0)
-                    r1 += tl.sum(dy * xh, axis=0)
-                    g1 = _acc_dw(g1, h0, dx, PREC)
-                    dF = _dh_prev(dx, w1_ptr, P0, P1, 2 * C, R1, PREC)  # [BLOCK_S, P0]
-                    da = tl.sum(zc * dF, axis=1)
-                    dfa = dF * av[:, None]
-                    tl.store(dz1_ptr + (b * sd1b + s * sd1s)[:, None] + cols[None, :] * sd1c,
-                             dfa.to(dz1_ptr.dtype.element_ty), mask=valid[:, None] & in1[None, :])
-                    tl.store(dz2_ptr + (b * sd2b + s * sd2s)[:, None] + c2[None, :] * sd2c,
-                             dfa.to(dz2_ptr.dtype.element_ty), mask=valid[:, None] & in2[None, :])
-                    tl.store(da_ptr + _a_offset(b, s, sdab, sda1, sda2, H, W, GH, GW, A_TOK, PATCH),
-                             da.to(da_ptr.dtype.element_ty), mask=valid)
-    if MODE == 0:
-        o = tl.arange(0, PJ)
-        row = part_ptr + pid * 3 * MAXW
-        tl.store(row + o, st_n)
-        tl.store(row + MAXW + o, st_mean)
-        tl.store(row + 2 * MAXW + o, st_m2)
-    if MODE == 2:
-        o = tl.arange(0, PJ)
-        row = part_ptr + pid * 2 * MAXW
-        tl.store(row + o, s_dy)
-        tl.store(row + MAXW + o, s_dyx)
-    if MODE == 3:
-        prow = part_ptr + pid * (6 * 2 * MAXW)
-        o1 = tl.arange(0, P1)
-        tl.store(prow + o1, q1)
-        tl.store(prow + MAXW + o1, r1)
-        o2 = tl.arange(0, P2)
-        tl.store(prow + 2 * MAXW + o2, q2)
-        tl.store(prow + 3 * MAXW + o2, r2)
-        o3 = tl.arange(0, P3)
-        tl.store(prow + 4 * MAXW + o3, q3)
-        tl.store(prow + 5 * MAXW + o3, r3)
-        o4 = tl.arange(0, P4)
-        tl.store(prow + 6 * MAXW + o4, q4)
-        tl.store(prow + 7 * MAXW + o4, r4)
-        o5 = tl.arange(0, P5)
-        tl.store(prow + 8 * MAXW + o5, q5)
-        tl.store(prow + 9 * MAXW + o5, r5)
-        o6 = tl.arange(0, P6)
-        tl.store(prow + 10 * MAXW + o6, q6)
-        tl.store(prow + 11 * MAXW + o6, r6)
-        wrow = dw_ptr + pid.to(tl.int64) * (6 * MAXW * MAXW)
-        _store_dw(wrow, 0, g1, P0, P1, MAXW)
-        _store_dw(wrow, 1, g2, P1, P2, MAXW)
-        _store_dw(wrow, 2, g3, P2, P3, MAXW)
-        _store_dw(wrow, 3, g4, P3, P4, MAXW)
-        _store_dw(wrow, 4, g5, P4, P5, MAXW)
-        _store_dw(wrow, 5, g6, P5, P6, MAXW)
-
-
-# Small single-purpose kernels between the sweeps: each replaces a chain of tiny PyTorch ops
-# (merges, affine, running statistics, gradient reductions). All reductions run over the
-# per-program partials in a fixed order: deterministic, no atomics.
-_RED_P = 64  # partial rows reduced per step
-_GRAD_ROWS = 16  # rows of Wₖᵀ per program of the gradient reduction
-
-
-@triton.jit
-def _store_affine(mean, var, ok, g_ptr, b_ptr, vec_ptr, mean_ptr, var_ptr, eps,
-                  K: tl.constexpr, MAXW: tl.constexpr):
-    """vec[K] = (scale, shift, mean, rstd) from the statistics BN uses (ATen's invstd =
-    1/sqrt(var + eps)); mean/var out[K] = mean, var. Lanes past the layer's width get 0."""
-    o = tl.arange(0, MAXW)
-    g = tl.load(g_ptr + o, mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + o, mask=ok, other=0.0).to(tl.float32)
-    rstd = tl.where(ok, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), 0.0)
-    scale = g * rstd
-    row = vec_ptr + K * 4 * MAXW + o
-    tl.store(row, scale)
-    tl.store(row + MAXW, b - mean * scale)
-    tl.store(row + 2 * MAXW, mean)
-    tl.store(row + 3 * MAXW, rstd)
-    tl.store(mean_ptr + K * MAXW + o, mean)
-    tl.store(var_ptr + K * MAXW + o, var)
-
-
-@triton.jit
-def _bn_finalize_kernel(part_ptr, n_prog, g_ptr, b_ptr, vec_ptr, mean_ptr, var_ptr, eps,
-                        K: tl.constexpr, CO: tl.constexpr, MAXW: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Training BN of layer K+1 after its statistics sweep, one program: Chan's merge of the
-    per-program (count, mean, M2) partials [n_prog, 3, MAXW] (as `_merge_stats`), then the
-    affine and the batch statistics (`_store_affine`)."""
-    o = tl.arange(0, MAXW)
-    ok = o < CO
-    r = tl.arange(0, BLOCK_P)
-    s_n = tl.zeros([MAXW], tl.float32)
-    s_nm = tl.zeros([MAXW], tl.float32)
-    s_m2 = tl.zeros([MAXW], tl.float32)
-    for p0 in range(0, n_prog, BLOCK_P):
-        msk = ((p0 + r) < n_prog)[:, None] & ok[None, :]
-        at = part_ptr + (p0 + r)[:, None] * (3 * MAXW) + o[None, :]
-        n_p = tl.load(at, mask=msk, other=0.0)
-        s_n += tl.sum(n_p, axis=0)
-        s_nm += tl.sum(n_p * tl.load(at + MAXW, mask=msk, other=0.0), axis=0)
-        s_m2 += tl.sum(tl.load(at + 2 * MAXW, mask=msk, other=0.0), axis=0)
-    n = tl.maximum(s_n, 1.0)
-    mean = tl.div_rn(s_nm, n)
-    s_d = tl.zeros([MAXW], tl.float32)
-    for p0 in range(0, n_prog, BLOCK_P):
-        msk = ((p0 + r) < n_prog)[:, None] & ok[None, :]
-        at = part_ptr + (p0 + r)[:, None] * (3 * MAXW) + o[None, :]
-        n_p = tl.load(at, mask=msk, other=0.0)
-        d = tl.load(at + MAXW, mask=msk, other=0.0) - mean[None, :]
-        s_d += tl.sum(n_p * (d * d), axis=0)
-    var = tl.div_rn(s_m2 + s_d, n)
-    _store_affine(mean, var, ok, g_ptr, b_ptr, vec_ptr, mean_ptr, var_ptr, eps, K, MAXW)
-
-
-@triton.jit
-def _running_layer(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum, keep, unbias,
-                   K: tl.constexpr, CO: tl.constexpr, MAXW: tl.constexpr, CUMULATIVE: tl.constexpr):
-    """nn.BatchNorm's running-statistics update of layer K+1, in place: num_batches_tracked += 1;
-    running = m·batch + (1 − m)·running, m = momentum and keep = 1 − m, or (CUMULATIVE,
-    momentum=None) m = 1/num_batches_tracked; the batch variance made unbiased (× n/(n − 1))."""
-    o = tl.arange(0, MAXW)
-    ok = o < CO
-    nbt = tl.load(nbt_ptr) + 1
-    tl.store(nbt_ptr, nbt)
-    if CUMULATIVE:
-        m = tl.div_rn(1.0, nbt.to(tl.float32))
-        k = 1.0 - m
-    else:
-        m = momentum
-        k = keep
-    bm = tl.load(mean_ptr + K * MAXW + o, mask=ok, other=0.0)
-    bv = tl.load(var_ptr + K * MAXW + o, mask=ok, other=0.0) * unbias
-    rm = tl.load(rm_ptr + o, mask=ok, other=0.0).to(tl.float32)
-    tl.store(rm_ptr + o, (m * bm + k * rm).to(rm_ptr.dtype.element_ty), mask=ok)
-    rv = tl.load(rv_ptr + o, mask=ok, other=0.0).to(tl.float32)
-    tl.store(rv_ptr + o, (m * bv + k * rv).to(rv_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _running_kernel(mean_ptr, var_ptr, m1, m2, m3, m4, m5, m6, v1, v2, v3, v4, v5, v6,
-                    n1, n2, n3, n4, n5, n6, momentum, keep, unbias,
-                    R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
-                    R5: tl.constexpr, R6: tl.constexpr, MAXW: tl.constexpr, CUMULATIVE: tl.constexpr):
-    """All six layers' running-statistics updates from the batch mean/var [6, MAXW], one program."""
-    _running_layer(mean_ptr, var_ptr, m1, v1, n1, momentum, keep, unbias, 0, R1, MAXW, CUMULATIVE)
-    _running_layer(mean_ptr, var_ptr, m2, v2, n2, momentum, keep, unbias, 1, R2, MAXW, CUMULATIVE)
-    _running_layer(mean_ptr, var_ptr, m3, v3, n3, momentum, keep, unbias, 2, R3, MAXW, CUMULATIVE)
-    _running_layer(mean_ptr, var_ptr, m4, v4, n4, momentum, keep, unbias, 3, R4, MAXW, CUMULATIVE)
-    _running_layer(mean_ptr, var_ptr, m5, v5, n5, momentum, keep, unbias, 4, R5, MAXW, CUMULATIVE)
-    _running_layer(mean_ptr, var_ptr, m6, v6, n6, momentum, keep, unbias, 5, R6, MAXW, CUMULATIVE)
-
-
-@triton.jit
-def _eval_affine_layer(m_ptr, v_ptr, g_ptr, b_ptr, vec_ptr, mean_ptr, var_ptr, eps,
-                       K: tl.constexpr, CO: tl.constexpr, MAXW: tl.constexpr):
-    o = tl.arange(0, MAXW)
-    ok = o < CO
-    mean = tl.load(m_ptr + o, mask=ok, other=0.0).to(tl.float32)
-    var = tl.load(v_ptr + o, mask=ok, other=0.0).to(tl.float32)
-    _store_affine(mean, var, ok, g_ptr, b_ptr, vec_ptr, mean_ptr, var_ptr, eps, K, MAXW)
-
-
-@triton.jit
-def _eval_affine_kernel(m1, m2, m3, m4, m5, m6, v1, v2, v3, v4, v5, v6, g1, g2, g3, g4, g5, g6,
-                        b1, b2, b3, b4, b5, b6, vec_ptr, mean_ptr, var_ptr, eps,
-                        R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
-                        R5: tl.constexpr, R6: tl.constexpr, MAXW: tl.constexpr):
-    """Eval: the affine of all six layers from the running statistics, one program."""
-    _eval_affine_layer(m1, v1, g1, b1, vec_ptr, mean_ptr, var_ptr, eps, 0, R1, MAXW)
-    _eval_affine_layer(m2, v2, g2, b2, vec_ptr, mean_ptr, var_ptr, eps, 1, R2, MAXW)
-    _eval_affine_layer(m3, v3, g3, b3, vec_ptr, mean_ptr, var_ptr, eps, 2, R3, MAXW)
-    _eval_affine_layer(m4, v4, g4, b4, vec_ptr, mean_ptr, var_ptr, eps, 3, R4, MAXW)
-    _eval_affine_layer(m5, v5, g5, b5, vec_ptr, mean_ptr, var_ptr, eps, 4, R5, MAXW)
-    _eval_affine_layer(m6, v6, g6, b6, vec_ptr, mean_ptr, var_ptr, eps, 5, R6, MAXW)
-
-
-@triton.jit
-def _bwd_coef_kernel(part_ptr, n_prog, cv_ptr, n_pix, K: tl.constexpr, CO: tl.constexpr,
-                     MAXW: tl.constexpr, BLOCK_P: tl.constexpr):
-    """cv[K] = (Σdy/N, Σdy·x̂/N) of layer K+1 from the partials [n_prog, 2, MAXW], one program."""
-    o = tl.arange(0, MAXW)
-    ok = o < CO
-    r = tl.arange(0, BLOCK_P)
-    s0 = tl.zeros([MAXW], tl.float32)
-    s1 = tl.zeros([MAXW], tl.float32)
-    for p0 in range(0, n_prog, BLOCK_P):
-        msk = ((p0 + r) < n_prog)[:, None] & ok[None, :]
-        at = part_ptr + (p0 + r)[:, None] * (2 * MAXW) + o[None, :]
-        s0 += tl.sum(tl.load(at, mask=msk, other=0.0), axis=0)
-        s1 += tl.sum(tl.load(at + MAXW, mask=msk, other=0.0), axis=0)
-    tl.store(cv_ptr + K * 2 * MAXW + o, tl.div_rn(s0, n_pix))
-    tl.store(cv_ptr + (K * 2 + 1) * MAXW + o, tl.div_rn(s1, n_pix))
-
-
-@triton.jit
-def _grad_layer(dw_ptr, part_ptr, n_prog, dwk_ptr, dgk_ptr, dbk_ptr, blk, K: tl.constexpr,
-                PI: tl.constexpr, PO: tl.constexpr, RI: tl.constexpr, RO: tl.constexpr,
-                MAXW: tl.constexpr, ROWS: tl.constexpr):
-    """Rows [blk·ROWS, …) of Σ_p dWₖᵀ partials, stored transposed into the layer's weight
-    gradient [RO, RI, 1, …] (o·RI + i); block 0 also sums dβₖ, dγₖ."""
-    if blk * ROWS < RI:
-        i = blk * ROWS + tl.arange(0, ROWS)
-        o = tl.arange(0, PO)
-        acc = tl.zeros([ROWS, PO], tl.float32)
-        tile = dw_ptr + K * MAXW * MAXW + i[:, None] * MAXW + o[None, :]
-        lim = (i < RI)[:, None] & (o < RO)[None, :]
-        for p in range(0, n_prog):
-            acc += tl.load(tile + p * (6 * MAXW * MAXW), mask=lim, other=0.0)
-        tl.store(dwk_ptr + o[None, :] * RI + i[:, None], acc.to(dwk_ptr.dtype.element_ty), mask=lim)
-    if blk == 0:
-        o = tl.arange(0, PO)
-        q = tl.zeros([PO], tl.float32)
-        r = tl.zeros([PO], tl.float32)
-        row = part_ptr + K * 2 * MAXW + o
-        for p in range(0, n_prog):
-            q += tl.load(row + p * (12 * MAXW))
-            r += tl.load(row + p * (12 * MAXW) + MAXW)
-        tl.store(dbk_ptr + o, q.to(dbk_ptr.dtype.element_ty), mask=o < RO)
-        tl.store(dgk_ptr + o, r.to(dgk_ptr.dtype.element_ty), mask=o < RO)
-
-
-@triton.jit
-def _grad_reduce_kernel(dw_ptr, part_ptr, n_prog, dw1, dw2, dw3, dw4, dw5, dw6, dg1, dg2, dg3, dg4,
-                        dg5, dg6, db1, db2, db3, db4, db5, db6,
-                        R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
-                        R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr,
-                        P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
-                        P4: tl.constexpr, P5: tl.constexpr, P6: tl.constexpr,
-                        MAXW: tl.constexpr, ROWS: tl.constexpr, NB: tl.constexpr):
-    """The final backward sweep's per-program partials → every layer's dW, dγ, dβ, written
-    straight into per-layer gradient tensors. Program (layer k, row block) = (pid // NB, pid % NB),
-    NB = MAXW / ROWS row blocks per layer (blocks past a layer's input width only idle)."""
-    pid = tl.program_id(0)
-    k = pid // NB
-    blk = pid - k * NB
-    if k == 0:
-        _grad_layer(dw_ptr, part_ptr, n_prog, dw1, dg1, db1, blk, 0, P0, P1, R0, R1, MAXW, ROWS)
-    if k == 1:
-        _grad_layer(dw_ptr, part_ptr, n_prog, dw2, dg2, db2, blk, 1, P1, P2, R1, R2, MAXW, ROWS)
-    if k == 2:
-        _grad_layer(dw_ptr, part_ptr, n_prog, dw3, dg3, db3, blk, 2, P2, P3, R2, R3, MAXW, ROWS)
-    if k == 3:
-        _grad_layer(dw_ptr, part_ptr, n_prog, dw4, dg4, db4, blk, 3, P3, P4, R3, R4, MAXW, ROWS)
-    if k == 4:
-        _grad_layer(dw_ptr, part_ptr, n_prog, dw5, dg5, db5, blk, 4, P4, P5, R4, R5, MAXW, ROWS)
-    if k == 5:
-        _grad_layer(dw_ptr, part_ptr, n_prog, dw6, dg6, db6, blk, 5, P5, P6, R5, R6, MAXW, ROWS)
-
-
-# =========================================================================== sweep runners
-def _merge_stats(part: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-program (count, mean, M2) [P, 3, W] → (mean, biased var) [W] (Chan's merge, fixed order)."""
-    n_P1 = part[:, 0]
-    mean_P1 = part[:, 1]
-    n = n_P1.sum(0).clamp_min(1)  # padded channels (count 0) get mean 0, var 0, not NaN
-    mean = (n_P1 * mean_P1).sum(0) / n
-    m2 = part[:, 2].sum(0) + (n_P1 * (mean_P1 - mean) ** 2).sum(0)
-    return mean, m2 / n
-
-
-def _set_affine(vec: Tensor, k: int, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor,
-                eps: float) -> None:
-    """vec[k, :, :c] = scale, shift, mean, rstd (ATen's invstd = 1/sqrt(var + eps)) for the c
-    channels of layer k+1 (the rest of vec stays 0)."""
-    c = mean.shape[0]
-    rstd = 1.0 / torch.sqrt(var + eps)
-    scale = gamma * rstd
-    vec[k, 0, :c] = scale
-    vec[k, 1, :c] = beta - mean * scale
-    vec[k, 2, :c] = mean
-    vec[k, 3, :c] = rstd
-
-
-def _update_running(running_mean: Tensor, running_var: Tensor, nbt: Tensor, mean: Tensor, var: Tensor,
-                    n: int, momentum: float | None) -> None:
-    """nn.BatchNorm's running-statistics update from the batch mean / biased var (PyTorch twin of
-    `_running_layer`)."""
-    nbt.add_(1)
-    # momentum=None: nn.BatchNorm's 1.0 / float(num_batches_tracked), a double, device-side
-    m = 1.0 / nbt.to(torch.float64) if momentum is None else momentum
-    bm = mean.to(running_mean.dtype)
-    bv = (var * (n / (n - 1))).to(running_var.dtype)
-    running_mean.copy_(m * bm + (1 - m) * running_mean)
-    running_var.copy_(m * bv + (1 - m) * running_var)
 
 
 def _layer_chans(weight: Sequence[Tensor]) -> list[int]:
@@ -702,172 +74,11 @@ def _dense_weight(w: Tensor) -> Tensor:
     return w.contiguous()
 
 
-class _TorchRunner:
-    """The sweeps in plain PyTorch, chunk by chunk (a chunk plays one program): the float64 and
-    no-Triton path, and the algorithmic twin of the kernel (same partials, same merges).
-
-    `recompute=True` recomputes every layer in every sweep, exactly as the kernel does;
-    `recompute=False` (the default, `RECOMPUTE_TORCH`) keeps each chunk's activations and
-    back-propagated gradient between the sweeps of one op call. Both compute the same ops on the
-    same chunks in the same order, so they agree bit for bit (tested); the cached form only
-    saves CPU time (the float64 golden run is ~4× faster) at the cost of the memory the kernel
-    avoids — it serves float64 parity and the CPU fallback, not the GPU hot path.
-    """
-
-    def __init__(self, z1: Tensor, z2: Tensor, A: Tensor, weight: Sequence[Tensor], chans: Sequence[int],
-                 recompute: bool | None = None, a_patch: int = 0) -> None:
-        self.acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
-        # products as the kernel's tf32 dots only when asked for explicitly (UCSEG_UPG_DOT=tf32):
-        # this twin serves exactness (float64, CPU); emulating tf32 here measures its error
-        self.tf32 = DOT_PRECISION == "tf32" and self.acc == torch.float32
-        self.recompute = RECOMPUTE_TORCH if recompute is None else recompute
-        self.z1, self.z2, self.A, self.a_patch = z1, z2, A, a_patch
-        C = z1.shape[1]
-        self.C, self.chans, self.W = C, list(chans), max(_padded(chans))
-        self.zc = torch.cat([z1.movedim(1, -1).reshape(-1, C), z2.movedim(1, -1).reshape(-1, C)], 1).to(self.acc)
-        # token-layout A (a_patch > 0): this twin works on pixel-major copies anyway (zc above),
-        # so A is unpatchified here and dA patchified back; the kernel indexes tokens in place
-        A_pix = unpatchify_map(A, z1.shape[2:], a_patch) if a_patch else A
-        self.a = A_pix.reshape(-1).to(self.acc)
-        self.weight = list(weight)
-        self.wts = [w.reshape(chans[k + 1], chans[k]).t().to(self.acc) for k, w in enumerate(weight)]  # Wₖᵀ
-        self.npix = self.zc.shape[0]
-        self.chunks = [(i, min(self.npix, i + _TORCH_CHUNK)) for i in range(0, self.npix, _TORCH_CHUNK)]
-        n = len(self.chunks)
-        # cache (recompute=False): per chunk, layers whose BN affine is final; backward level + dh
-        self._fwd: list[tuple[list, list, list] | None] = [None] * n
-        self._bwd: list[tuple[int, Tensor] | None] = [None] * n
-        self._part: Tensor | None = None
-        self._dw: Tensor | None = None
-
-    def _forward(self, p: int, vec: Tensor, nup: int, final: int):
-        """(xs, ys, hs) of chunk p up to layer nup; layers < `final` have their final affine."""
-        lo, hi = self.chunks[p]
-        cached = None if self.recompute else self._fwd[p]
-        if cached is None:
-            xs, ys, hs = [], [], [self.zc[lo:hi] * self.a[lo:hi, None]]
-        else:
-            xs, ys, hs = (list(v) for v in cached)
-        for k in range(len(xs), nup):
-            co = self.chans[k + 1]
-            x = _mm(hs[-1], self.wts[k], self.tf32)
-            y = x * vec[k, 0, :co] + vec[k, 1, :co]
-            xs.append(x)
-            ys.append(y)
-            hs.append(torch.where(y > 0, y, 0.2 * y))
-        if not self.recompute:
-            m = min(final, nup)
-            self._fwd[p] = (xs[:m], ys[:m], hs[:m + 1])
-        return xs, ys, hs
-
-    def _flat(self, t: Tensor) -> Tensor:
-        return t.movedim(1, -1).reshape(-1, t.shape[1]).to(self.acc)
-
-    def _unflat(self, t_NC: Tensor, like: Tensor) -> Tensor:
-        B, c, *S = like.shape
-        out = torch.empty_like(like)
-        return out.copy_(t_NC.reshape(B, *S, c).movedim(-1, 1))
-
-    def stats(self, J: int, vec: Tensor) -> Tensor:
-        part = vec.new_zeros((len(self.chunks), 3, self.W))
-        co = self.chans[J]
-        for p, (lo, hi) in enumerate(self.chunks):
-            x = self._forward(p, vec, J, J - 1)[0][J - 1]
-            m = x.mean(0)
-            part[p, 0, :co] = hi - lo
-            part[p, 1, :co] = m
-            part[p, 2, :co] = ((x - m) ** 2).sum(0)
-        return part
-
-    def emit(self, vec: Tensor) -> Tensor:
-        P = torch.cat([self._forward(p, vec, NUM_LAYERS, NUM_LAYERS)[2][-1] for p in range(len(self.chunks))])
-        return self._unflat(P, self.z1)
-
-    def forward(self, gamma: Sequence[Tensor], beta: Sequence[Tensor], running_mean: Sequence[Tensor],
-                running_var: Sequence[Tensor], training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(P, mean [6, W], var [6, W], vec [6, 4, W]); see `_fusion_head_layers_op`."""
-        acc, W = self.acc, self.W
-        mean = self.zc.new_zeros((NUM_LAYERS, W))
-        var = torch.zeros_like(mean)
-        vec = mean.new_zeros((NUM_LAYERS, 4, W))
-        for k in range(NUM_LAYERS):
-            co = self.chans[k + 1]
-            if training:
-                m, v = (t[:co] for t in _merge_stats(self.stats(k + 1, vec)))
-            else:
-                m, v = running_mean[k].to(acc), running_var[k].to(acc)
-            mean[k, :co], var[k, :co] = m, v
-            _set_affine(vec, k, m, v, gamma[k].to(acc), beta[k].to(acc), eps)
-        return self.emit(vec), mean, var, vec
-
-    def _sweep_bwd(self, vec: Tensor, cvec: Tensor, dP: Tensor, J: int, final: bool, training: bool):
-        dp = self._flat(dP)
-        n = len(self.chunks)
-        if self._part is None or self.recompute:
-            self._part = vec.new_zeros((n, NUM_LAYERS, 2, self.W))
-            self._dw = vec.new_zeros((n, NUM_LAYERS, self.W, self.W))
-        part, dw = self._part, self._dw
-        dF = []
-        for p, (lo, hi) in enumerate(self.chunks):
-            xs, ys, hs = self._forward(p, vec, NUM_LAYERS, NUM_LAYERS)
-            level, dh = (NUM_LAYERS, dp[lo:hi]) if self.recompute or self._bwd[p] is None else self._bwd[p]
-            for k in range(level - 1, J - 2, -1):
-                co, ci = self.chans[k + 1], self.chans[k]
-                dy = torch.where(ys[k] > 0, dh, 0.2 * dh)
-                xh = (xs[k] - vec[k, 2, :co]) * vec[k, 3, :co]
-                part[p, k, 0, :co] = dy.sum(0)
-                part[p, k, 1, :co] = (dy * xh).sum(0)
-                if k == J - 1 and not final:
-                    break
-                g = dy - cvec[k, 0, :co] - xh * cvec[k, 1, :co] if training else dy
-                dx = g * vec[k, 0, :co]
-                dw[p, k, :ci, :co] = _mm(hs[k].T, dx, self.tf32)
-                dh = _mm(dx, self.wts[k].T, self.tf32)
-                if not self.recompute:
-                    self._bwd[p] = (k, dh)
-            if final:
-                dF.append(dh)
-        if not final:
-            return part
-        dF = torch.cat(dF)
-        C = self.C
-        dz = dF * self.a[:, None]
-        dA = (self.zc * dF).sum(1, keepdim=True)
-        if self.a_patch:
-            B = self.z1.shape[0]
-            dA_tok = patchify_map(dA.reshape(B, 1, *self.z1.shape[2:]), self.a_patch)
-            dA = torch.empty_like(self.A).copy_(dA_tok)
-        else:
-            dA = self._unflat(dA, self.A)
-        return self._unflat(dz[:, :C], self.z1), self._unflat(dz[:, C:], self.z2), dA, part, dw
-
-    def backward(self, vec: Tensor, dP: Tensor, training: bool, gamma: Sequence[Tensor],
-                 beta: Sequence[Tensor]):
-        """(dz1, dz2, dA, [dWₖ], [dγₖ], [dβₖ]); see `_fusion_head_layers_bwd_op`."""
-        cvec = vec.new_zeros((NUM_LAYERS, 2, self.W))
-        if training:
-            for k in range(NUM_LAYERS, 0, -1):
-                s = self._sweep_bwd(vec, cvec, dP, k, final=False, training=True)[:, k - 1].sum(0)
-                cvec[k - 1, 0] = s[0] / self.npix
-                cvec[k - 1, 1] = s[1] / self.npix
-        dz1, dz2, dA, part, dw = self._sweep_bwd(vec, cvec, dP, 1, final=True, training=training)
-        sums, dw = part.sum(0), dw.sum(0)
-        cp = dict(memory_format=torch.contiguous_format, copy=True)
-        dws, dgs, dbs = [], [], []
-        for k in range(NUM_LAYERS):
-            ci, co = self.chans[k], self.chans[k + 1]
-            w = self.weight[k]
-            dws.append(dw[k, :ci, :co].t().to(w.dtype, **cp).view(w.shape))
-            dgs.append(sums[k, 1, :co].to(gamma[k].dtype, **cp))
-            dbs.append(sums[k, 0, :co].to(beta[k].dtype, **cp))
-        return dz1, dz2, dA, dws, dgs, dbs
-
-
 class _TritonRunner:
-    """Launches the sweeps of `_head_kernel` and the small kernels between them; same interface
-    and numbers (to fp32 rounding) as `_TorchRunner`. Between the launches nothing but
-    allocations (`torch.empty*`) is dispatched: the merges, the affine, the running-statistics
-    update and the gradient reductions are kernels, which read and write the layers' own tensors."""
+    """Launches the sweeps of `_head_kernel` and the small kernels between them. Between the
+    launches nothing but allocations (`torch.empty*`) is dispatched: the merges, the affine, the
+    running-statistics update and the gradient reductions are kernels, which read and write the
+    layers' own tensors."""
 
     def __init__(self, z1: Tensor, z2: Tensor, A: Tensor, weight: Sequence[Tensor], chans: Sequence[int],
                  a_patch: int = 0) -> None:
@@ -890,6 +101,9 @@ class _TritonRunner:
         self.S = spatial_size(z1)
         self.npix = z1.shape[0] * self.S
         self.n_tiles = cdiv(self.npix, BLOCK_S)
+        sms = sm_count(z1.device)
+        self.sweep_programs = min(SWEEP_PROGRAMS_PER_SM * sms, self.n_tiles)
+        self.final_programs = min(FINAL_PROGRAMS_PER_SM * sms, self.n_tiles)
 
     def _new(self, *shape: int) -> Tensor:
         return torch.empty(shape, dtype=torch.float32, device=self.z1.device)
@@ -932,7 +146,7 @@ class _TritonRunner:
         `_eval_affine_kernel`; then the emit sweep. 13 / 2 launches, nothing else."""
         W, R = self.W, self.chans
         mean, var, vec = self._new(NUM_LAYERS, W), self._new(NUM_LAYERS, W), self._new(NUM_LAYERS, 4, W)
-        n_prog = min(FWD_PROGRAMS, self.n_tiles)
+        n_prog = self.sweep_programs
         if training:
             part = self._new(n_prog, 3, W)  # reused layer after layer (stream order)
             for k in range(NUM_LAYERS):
@@ -954,13 +168,13 @@ class _TritonRunner:
         W = self.W
         cvec = self._new(NUM_LAYERS, 2, W)
         if training:
-            n_prog = min(FWD_PROGRAMS, self.n_tiles)
+            n_prog = self.sweep_programs
             part = self._new(n_prog, 2, W)
             for J in range(NUM_LAYERS, 0, -1):
                 self._launch(2, J, vec, n_prog, part, vec, dp=dP, cvec=cvec, training=True)
                 _bwd_coef_kernel[(1,)](part, n_prog, cvec, float(self.npix), K=J - 1, CO=self.chans[J],
                                        MAXW=W, BLOCK_P=_RED_P, num_warps=4)
-        n_prog = min(BWD_PROGRAMS, self.n_tiles)
+        n_prog = self.final_programs
         part = self._new(n_prog, NUM_LAYERS, 2, W)
         dw = self._new(n_prog, NUM_LAYERS, W, W)
         dz1, dz2, da = torch.empty_like(self.z1), torch.empty_like(self.z2), torch.empty_like(self.A)
@@ -976,14 +190,8 @@ class _TritonRunner:
         return dz1, dz2, da, dws, dgs, dbs
 
 
-def _runner(z1: Tensor, z2: Tensor, A: Tensor, weight: Sequence[Tensor], chans: Sequence[int],
-            a_patch: int = 0):
-    if triton_usable(z1):
-        return _TritonRunner(z1, z2, A, weight, chans, a_patch=a_patch)
-    return _TorchRunner(z1, z2, A, weight, chans, a_patch=a_patch)
-
-
 # =========================================================================== custom ops
+# The ops run the kernels; the functional API below sends what Triton cannot run to the reference.
 def _check_chans(chans: Sequence[int], wt: Tensor) -> None:
     if len(chans) != NUM_LAYERS + 1:
         raise ValueError(f"fusion_head: widths {list(chans)} must list {NUM_LAYERS + 1} channel counts")
@@ -1021,7 +229,7 @@ def _fusion_head_layers_op(z1: Tensor, z2: Tensor, A: Tensor, weight: list[Tenso
     the running-statistics update is `ucseg::bn_running_update`. (a_patch has no default on
     purpose: the dispatcher drops arguments equal to their default, which would shift the
     gradient structure autograd expects for ops with Tensor[] inputs.)"""
-    run = _runner(z1, z2, A, weight, _layer_chans(weight), a_patch)
+    run = _TritonRunner(z1, z2, A, weight, _layer_chans(weight), a_patch)
     P, mean, var, vec = run.forward(gamma, beta, running_mean, running_var, training, eps)
     return _like(P, z1), mean, var, vec
 
@@ -1048,8 +256,8 @@ def _bn_running_update_op(mean: Tensor, var: Tensor, running_mean: list[Tensor],
         return
     for k in range(NUM_LAYERS):
         co = running_mean[k].shape[0]
-        _update_running(running_mean[k], running_var[k], num_batches_tracked[k], mean[k, :co], var[k, :co],
-                        n, momentum)
+        reference.bn_running_update(running_mean[k], running_var[k], num_batches_tracked[k], mean[k, :co],
+                                    var[k, :co], n, momentum)
 
 
 @_bn_running_update_op.register_fake
@@ -1065,7 +273,7 @@ def _fusion_head_layers_bwd_op(dP: Tensor, z1: Tensor, z2: Tensor, A: Tensor, we
     """(dz1, dz2, dA, [dWₖ], [dγₖ], [dβₖ]) by recompute, each gradient allocated per layer in its
     tensor's shape (and, for dWₖ, layout) and written by the kernels; vec is the forward's; dA in
     A's layout (pixel or tokens, as `a_patch` says)."""
-    run = _runner(z1, z2, A, weight, _layer_chans(weight), a_patch)
+    run = _TritonRunner(z1, z2, A, weight, _layer_chans(weight), a_patch)
     dz1, dz2, dA, dws, dgs, dbs = run.backward(vec, dP, training, gamma, beta)
     return _like(dz1, z1), _like(dz2, z2), _like(dA, A), dws, dgs, dbs
 
@@ -1117,7 +325,7 @@ def _fusion_head_op(z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, gamma: Tensor
     vec [6, 4, W] the affine used (for the backward). Running statistics are not updated.
     a_patch = 0: A is [B, 1, *S]; a_patch = p > 0: A is the patch tokens [B, N, p^d]."""
     ws, gs, bs, ms, vs = _unpack(chans, wt, gamma, beta, mean_in, var_in)
-    P, mean, var, vec = _runner(z1, z2, A, ws, chans, a_patch).forward(gs, bs, ms, vs, training, eps)
+    P, mean, var, vec = _TritonRunner(z1, z2, A, ws, chans, a_patch).forward(gs, bs, ms, vs, training, eps)
     return _like(P, z1), mean, var, vec
 
 
@@ -1152,6 +360,21 @@ def _backward(ctx, dP: Tensor | None, _dmean, _dvar, _dvec):
 
 
 _fusion_head_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# =========================================================================== reference path
+def _reference(z1: Tensor, z2: Tensor, A: Tensor, weight, gamma, beta, running_mean, running_var,
+               training: bool, eps: float, a_patch: int):
+    """`reference.fusion_head` (differentiable), a token-layout A unpatchified first."""
+    A_pix = unpatchify_map(A, z1.shape[2:], a_patch) if a_patch else A
+    return reference.fusion_head(z1, z2, A_pix, weight, gamma, beta, running_mean, running_var,
+                                 training, eps)
+
+
+def _stack_padded(per_layer: Sequence[Tensor], chans: Sequence[int]) -> Tensor:
+    """[6, W]: the layers' [cₖ] statistics, zero-padded to the widest padded width W."""
+    W = max(_padded(chans))
+    return torch.stack([F.pad(t, (0, W - t.shape[0])) for t in per_layer])
 
 
 # =========================================================================== public API
@@ -1213,12 +436,21 @@ def fusion_head_layers(z1: Tensor, z2: Tensor, A: Tensor, weight: Sequence[Tenso
                 raise ValueError(f"fusion_head_layers: layer {k + 1} {name} has shape {tuple(t.shape)}, "
                                  f"expected ({co},)")
     a_patch = _check_inputs(z1, z2, A, chans[-1], training, a_patch_size)
+    update = training and (update_stats is None or update_stats)
+    n = z1.shape[0] * spatial_size(z1)
+    if not use_triton(z1):
+        P, means, variances = _reference(z1, z2, A, weight, gamma, beta, running_mean, running_var,
+                                         training, eps, a_patch)
+        for k in range(NUM_LAYERS if update else 0):
+            reference.bn_running_update(running_mean[k], running_var[k], num_batches_tracked[k],
+                                        means[k], variances[k], n, momentum)
+        return P, _stack_padded(means, chans), _stack_padded(variances, chans)
     P, mean, var, _vec = _fusion_head_layers_op(z1, z2, A, list(weight), list(gamma), list(beta),
                                                 list(running_mean), list(running_var), bool(training),
                                                 float(eps), a_patch)
-    if training and (update_stats is None or update_stats):
+    if update:
         _bn_running_update_op(mean, var, list(running_mean), list(running_var), list(num_batches_tracked),
-                              None if momentum is None else float(momentum), z1.shape[0] * spatial_size(z1))
+                              None if momentum is None else float(momentum), n)
     return P, mean, var
 
 
@@ -1239,6 +471,10 @@ def fusion_head(z1: Tensor, z2: Tensor, A: Tensor, wt: Tensor, gamma: Tensor, be
     the layout A came in."""
     a_patch = _check_inputs(z1, z2, A, chans[-1], training, a_patch_size)
     _check_chans(chans, wt)
+    if not use_triton(z1):
+        ws, gs, bs, ms, vs = _unpack(chans, wt, gamma, beta, running_mean, running_var)
+        P, means, variances = _reference(z1, z2, A, ws, gs, bs, ms, vs, training, eps, a_patch)
+        return P, _stack_padded(means, chans), _stack_padded(variances, chans)
     P, mean, var, _vec = _fusion_head_op(z1, z2, A, wt, gamma, beta, running_mean, running_var, list(chans),
                                          bool(training), float(eps), a_patch)
     return P, mean, var
