@@ -29,7 +29,7 @@ def test_e2e(benchmark, provenance, on_gpu, tmp_path):
                 "--data.unlabeled_bs=1", "--train.max_iterations=4", "--train.amp='none'",
                 "--train.channels_last=false", "--train.max_val_volumes=1",
                 "--loss.queue_size=16", "--train.progress=false", "--loss.phase2_start=2"]
-    cfg = load_config(REPO / "configs" / "acdc_2d.toml", over)
+    cfg = load_config("acdc_2d", over)
     res = benchmark.pedantic(bench_e2e, args=(cfg,), kwargs=dict(
         minutes=minutes, out_dir=tmp_path, val_every=val_every, log=lambda s: None),
         rounds=1, iterations=1)

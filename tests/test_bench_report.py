@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ucseg_fast.bench import report
+from ucseg_fast.bench.report import isolation, parts, render, workers
 from ucseg_fast.cli import main
 
 ALLOWED = {"ok", "partial", "skipped", "failed", "timeout"}
@@ -135,13 +136,13 @@ def test_without_cuda_and_without_smoke_gpu_parts_say_why(tmp_path):
 
 def test_step_part_checks_the_budget_before_each_config(tmp_path):
     ctx = _ctx(tmp_path, seconds=0.3)
-    report._part_step(ctx)
+    parts._part_step(ctx)
     rows = ctx.record["rows"]
     assert len(rows) == len(report.step_configs(False, True))
     eager2d = [r for r in rows if r["mode"] == "eager" and r["ops"] == "torch" and r["dims"] == 2]
     assert eager2d and all(r["status"] == "skipped" and r["reason"].startswith("out of budget")
                            for r in eager2d)
-    assert report._part_status(ctx.record) == "skipped"
+    assert report.part_status(ctx.record) == "skipped"
 
 
 def test_step_part_puts_the_ledger_estimate_beside_each_row(tmp_path, monkeypatch):
@@ -159,7 +160,7 @@ def test_step_part_puts_the_ledger_estimate_beside_each_row(tmp_path, monkeypatc
 
     def step_ledger(cfg, *, card):
         seen.append((cfg.model.upg_head, cfg.model.uncertainty, cfg.loss.fused_losses,
-                     cfg.train.step_mode, card, len(cfg.data.img_size)))
+                     cfg.train.step_mode, card, cfg.spec.dims))
         return Ledger(cfg, card)
     monkeypatch.setitem(sys.modules, "ucseg_fast.bench.ledger",
                         types.SimpleNamespace(step_ledger=step_ledger))
@@ -167,12 +168,12 @@ def test_step_part_puts_the_ledger_estimate_beside_each_row(tmp_path, monkeypatc
     def fake_step(emit, deadline, **cfg):
         emit({"status": "ok", "ms_per_step": 10.0 if cfg["mode"] == "eager" else 5.0,
               "img_per_s": 2 * cfg["labeled_bs"] / 0.01, "device": "fake"})
-    monkeypatch.setattr(report, "_w_step", fake_step)
-    monkeypatch.setattr(report, "graph_nms", lambda cuda: (True, None))
+    monkeypatch.setattr(workers, "w_step", fake_step)
+    monkeypatch.setattr(parts, "graph_nms", lambda cuda: (True, None))
     # the CUDA plan (in this process, with the step faked): every config measured
     ctx = _ctx(tmp_path, seconds=3600, smoke=False, cuda=True)
     ctx.shared["env"] = {"card": "H100"}
-    report._part_step(ctx)
+    parts._part_step(ctx)
     rows = ctx.record["rows"]
     assert len(rows) == 16 and all(r["status"] == "ok" for r in rows)
     # graph / compile rows: the one-graph estimate; eager rows: the eager bound when given
@@ -186,7 +187,7 @@ def test_step_part_puts_the_ledger_estimate_beside_each_row(tmp_path, monkeypatc
     assert sorted(seen) == sorted([("torch", "torch", False, "eager", "H100", 2),
                                    ("fused", "fused", True, "eager", "H100", 2),
                                    ("torch", "torch", False, "eager", "H100", 3)])
-    md = report._render_step(ctx.record, {"parts": {}})
+    md = render._render_step(ctx.record, {"parts": {}})
     assert any("1.50 (100 kernels)" in line and "2.00×" in line for line in md)
     assert any("H100 datasheet" in line for line in md)
 
@@ -196,12 +197,12 @@ def test_ledger_failure_is_a_reason_not_an_error(monkeypatch):
         raise KeyError("no such card")
     monkeypatch.setitem(sys.modules, "ucseg_fast.bench.ledger",
                         types.SimpleNamespace(step_ledger=broken))
-    assert report._ledger(2, False, "cpu", True) == {"error": "KeyError: 'no such card'"}
+    assert workers.ledger_estimate(2, False, "cpu", True) == {"error": "KeyError: 'no such card'"}
 
 
 def test_isolated_worker_ok_crash_and_hard_timeout(tmp_path, monkeypatch):
     work = tmp_path / "w"
-    target = "ucseg_fast.bench.report:_w_selftest"
+    target = "ucseg_fast.bench.report.workers:w_selftest"
     got = []
     res = report.run_isolated(target, {"rows": 2}, deadline=time.time() + 60, work=work,
                               label="ok", on_row=got.append)
@@ -210,7 +211,7 @@ def test_isolated_worker_ok_crash_and_hard_timeout(tmp_path, monkeypatch):
     res = report.run_isolated(target, {"fail": True}, deadline=time.time() + 60, work=work,
                               label="fail")
     assert res.status == "failed" and "selftest failure" in res.reason and len(res.rows) == 1
-    monkeypatch.setattr(report, "_GRACE_S", 0.2)
+    monkeypatch.setattr(isolation, "_GRACE_S", 0.2)
     t0 = time.time()
     res = report.run_isolated(target, {"sleep": 60}, deadline=time.time() + 2, work=work,
                               label="hang")
@@ -219,12 +220,12 @@ def test_isolated_worker_ok_crash_and_hard_timeout(tmp_path, monkeypatch):
 
 
 def test_in_process_worker_statuses():
-    target = "ucseg_fast.bench.report:_w_selftest"
+    target = "ucseg_fast.bench.report.workers:w_selftest"
     ok = report.run_in_process(target, {"rows": 3}, deadline=time.time() + 5)
     assert ok.status == "ok" and len(ok.rows) == 3
     bad = report.run_in_process(target, {"fail": True}, deadline=time.time() + 5)
     assert bad.status == "failed" and bad.reason == "RuntimeError: selftest failure"
-    late = report.run_in_process("ucseg_fast.bench.report:_w_data",
+    late = report.run_in_process("ucseg_fast.bench.report.workers:w_data",
                                  {"root": "/nonexistent", "dataset": "x", "backend": "torch",
                                   "smoke": True}, deadline=time.time() - 1)
     assert late.status == "timeout" and late.reason.startswith("out of budget")
@@ -239,7 +240,7 @@ def test_equality_worker_runs_on_cpu(tmp_path):
     tiny = ["--data.img_size=[32,32]", "--data.labeled_bs=1", "--data.unlabeled_bs=1",
             "--data.labeled_patients=3", "--train.amp='none'", "--train.channels_last=false",
             "--loss.queue_size=16", "--train.max_val_volumes=1"]
-    report._w_equality(rows.append, time.time() + 120, root=str(root), out=str(tmp_path / "o"),
+    workers.w_equality(rows.append, time.time() + 120, root=str(root), out=str(tmp_path / "o"),
                        steps=3, switch=1, modes=("eager", "eager"), nms=True, overrides=tiny)
     runs = [r for r in rows if r["kind"] == "run"]
     cmp_ = next(r for r in rows if r["kind"] == "compare")
@@ -311,18 +312,14 @@ def test_step_configs_put_the_important_rows_first():
     assert all(c["labeled_bs"] == (12 if c["dims"] == 2 else 2) for c in cfgs)
 
 
-def test_ledger_config_matches_the_measured_step(monkeypatch):
-    """The ledger is asked about the step that was measured (batch, size, ops, nms), with or
-    without `train.bench.step_config`."""
-    from ucseg_fast.train import bench as train_bench
-    for with_helper in (True, False):
-        if not with_helper:
-            monkeypatch.delattr(train_bench, "step_config", raising=False)
-        for dims, fused in ((2, False), (2, True), (3, False)):
-            cfg = report._ledger_config(dims, fused, smoke=False, nms=False)
-            assert cfg.data.img_size == ((256, 256) if dims == 2 else (96, 96, 96))
-            assert cfg.data.labeled_bs == cfg.data.unlabeled_bs == (12 if dims == 2 else 2)
-            ops = "fused" if fused else "torch"
-            assert (cfg.model.upg_head, cfg.model.uncertainty) == (ops, ops)
-            assert cfg.loss.fused_losses is fused and cfg.loss.nms is False
-        assert report._ledger_config(2, False, smoke=True, nms=True).data.img_size == (32, 32)
+def test_ledger_config_matches_the_measured_step():
+    """The ledger is asked about the step that was measured (recipe, batch, size, ops, nms)."""
+    for dims, fused in ((2, False), (2, True), (3, False)):
+        cfg = workers.ledger_config(dims, fused, smoke=False, nms=False)
+        assert cfg.spec.dims == dims
+        assert cfg.data.img_size == ((256, 256) if dims == 2 else (96, 96, 96))
+        assert cfg.data.labeled_bs == cfg.data.unlabeled_bs == (12 if dims == 2 else 2)
+        ops = "fused" if fused else "torch"
+        assert (cfg.model.upg_head, cfg.model.uncertainty) == (ops, ops)
+        assert cfg.loss.fused_losses is fused and cfg.loss.nms is False
+    assert workers.ledger_config(2, False, smoke=True, nms=True).data.img_size == (32, 32)

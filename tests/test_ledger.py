@@ -3,18 +3,15 @@ the CPU with the options the CUDA path uses, pinned for the ACDC recipe; host sy
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from ucseg_fast.bench.ledger import HostSyncError, count_ops, step_ledger
 from ucseg_fast.config import apply_overrides, load_config
-from ucseg_fast.train.trainer import resolve_config
+from ucseg_fast.train.recipe import resolve_ops
 
-REPO = Path(__file__).resolve().parents[1]
-
-# Kernels of Trainer.step at the ACDC recipe (configs/acdc_2d.toml) with the CUDA path's
+# Kernels of Trainer.step at the ACDC recipe (the acdc_2d preset) with the CUDA path's
 # options: bf16 autocast, channels-last, the fused ops, Triton connected components. The issue's
 # bars are 700 (phase 1) and 1200 (phase 2); a regression of more than 5 % over these pins fails,
 # and an improvement of more than 10 % asks for the pins (and the README's ledger) to be updated.
@@ -23,8 +20,8 @@ BARS = {1: 700, 2: 1200}
 
 
 def _cuda_config(*overrides: str):
-    cfg = load_config(REPO / "configs" / "acdc_2d.toml", list(overrides))
-    return resolve_config(cfg, torch.device("cuda"))  # "auto" as a CUDA machine resolves it
+    cfg = load_config("acdc_2d", list(overrides))
+    return resolve_ops(cfg, torch.device("cuda"))  # "auto" as a CUDA machine resolves it
 
 
 @pytest.fixture(scope="module")

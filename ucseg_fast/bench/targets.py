@@ -282,7 +282,7 @@ def upg_head_target(shape, dtype_name: str = "bf16", provider: str = "fused",
             "pass": pass_, "backend_ran": "torch"}
     if provider == "fused":
         from ..ops._triton_utils import use_triton
-        info["backend_ran"] = "triton" if use_triton(z1) else "torch-sweeps"
+        info["backend_ran"] = "triton" if use_triton(z1) else "reference"
         info["dot_precision"] = dot_precision(z1)
     e = z1.element_size()
     return Target(target, _upg_bytes(ins, z1.numel(), e, pass_), info)
