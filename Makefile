@@ -31,8 +31,11 @@ test: $(STAMP) native
 	@if [ -f $(NATIVE) ]; then ctest --test-dir build/native --output-on-failure; \
 	else echo "ctest skipped: native library not built"; fi
 
+# The demo trains on $(ACDC) when it holds an SSL4MIS ACDC set, else on synthetic data
+# (written to runs/synthetic_acdc); the run goes to runs/demo.
+ACDC    ?= data/ACDC
 demo: $(STAMP)
-	$(VPY) -m ucseg_fast.cli demo
+	$(VPY) -m ucseg_fast.cli demo $(if $(wildcard $(ACDC)/train_slices.list),--data.root='$(ACDC)')
 
 bench: $(STAMP)
 	$(VPY) -m pytest benchmarks --benchmark-only

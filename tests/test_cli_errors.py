@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ucseg_fast import cli, preflight
-from ucseg_fast.cli import main
+from ucseg_fast import preflight
+from ucseg_fast.cli import infer, main, user_error_line
+from ucseg_fast.config import ConfigError
+from ucseg_fast.data.errors import DataError
 from ucseg_fast.data.synthetic import write_synthetic_acdc
+from ucseg_fast.train.checkpoint import CheckpointError
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.toml")
+DEMO = "demo"  # the packaged preset, by name
 TINY = ["--data.img_size=[32,32]", "--data.labeled_bs=2", "--data.unlabeled_bs=2",
         "--train.max_iterations=4", "--train.val_every=2", "--train.log_every=1",
         "--train.checkpoint_every=2", "--train.progress=false", "--train.amp='none'",
@@ -102,6 +104,55 @@ def test_unequal_batch_sizes_with_copy_paste(data, tmp_path, capsys):
 
 def test_unknown_arguments_exit_2_like_every_input_error(data, tmp_path, capsys):
     user_error(capsys, _train(data, tmp_path / "out", "--stop_at"), "--stop_at")
+
+
+# ------------------------------------------------------------------------------ presets
+def test_unknown_preset_name_lists_the_presets(tmp_path, capsys, monkeypatch):
+    from ucseg_fast.config import preset_names
+    monkeypatch.chdir(tmp_path)
+    for argv in (["train", "--config", "acdc2d"], ["demo", "--config", "acdc2d"],
+                 ["bench", "e2e", "--config", "acdc2d", "--out", str(tmp_path / "e2e")],
+                 ["train", "--config", str(tmp_path / "missing.toml")]):
+        line = user_error(capsys, argv, "config file not found", "a preset name: ")
+        assert all(n in line for n in preset_names())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_without_config_says_it_uses_the_defaults(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/ACDC here: the preflight stops it, nothing is written
+    assert main(["train"]) == 2
+    cap = capsys.readouterr()
+    assert "built-in defaults (the acdc_2d recipe)" in cap.out
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and "data.root = 'data/ACDC'" in lines[0], cap.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_of_a_preset_it_has_no_data_for(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    user_error(capsys, ["demo", "--config", "la_3d"], "la_3d", "--data.root=")
+    user_error(capsys, ["demo", f"--data.root='{tmp_path / 'nowhere'}'"], "data.root",
+               "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DataError("x.h5: not a readable HDF5 file"),
+    lambda: ConfigError("demo.toml: unknown key 'train.foo'\n(known: a, b)"),
+    lambda: CheckpointError("last.json: not found"),
+    lambda: preflight.PreflightError("data.root = 'x' does not exist"),
+    lambda: FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/no/such/file"),
+    lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/full/disk/file"),
+])
+def test_user_errors_are_one_line(make):
+    line = user_error_line(make())
+    assert line and "\n" not in line
+
+
+def test_bugs_are_not_user_errors():
+    assert user_error_line(RuntimeError("a bug")) is None
+    assert user_error_line(OSError(errno.EIO, "I/O error")) is None
+    assert user_error_line(KeyError("k")) is None
 
 
 # ------------------------------------------------------------------------------ preflight
@@ -295,14 +346,10 @@ def test_overwrite_starts_over(run, data, tmp_path, capsys):
 
 
 def test_demo_replaces_its_own_run(tmp_path, capsys, monkeypatch):
-    """`demo` trains into its own runs/demo with overwrite=True (a second `make demo` works)
-    and says that it replaces the previous demo run."""
+    """`demo` trains into its own runs/demo (under the current directory) with overwrite=True
+    (a second `make demo` works) and says that it replaces the previous demo run."""
     import ucseg_fast.train as train_pkg
-    repo = tmp_path / "repo"
-    (repo / "configs").mkdir(parents=True)
-    shutil.copy(REPO / "configs" / "demo.toml", repo / "configs" / "demo.toml")
-    _write_data(repo / "runs" / "synthetic_acdc")
-    monkeypatch.setattr(cli, "REPO", repo)
+    _write_data(tmp_path / "runs" / "synthetic_acdc")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     (tmp_path / "runs" / "demo" / "metrics.jsonl").write_text("{}\n")
@@ -337,7 +384,7 @@ def no_inference(monkeypatch):
     """predict's checks must all come before the model runs."""
     def ran(*a, **k):
         raise AssertionError("the model ran")
-    monkeypatch.setattr(cli, "_predict_array", ran)
+    monkeypatch.setattr(infer, "predict_array", ran)
 
 
 @pytest.mark.parametrize("name, array, needles", [

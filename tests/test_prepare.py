@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ucseg_fast.cli import main
 from ucseg_fast.data import SSL4MISDataset, write_synthetic_acdc
@@ -30,3 +31,16 @@ def test_prepare_npy_and_jpg_export(tmp_path, capsys):
     assert np.array_equal(y, l0)  # masks lossless
     ref = (i0 - i0.min()) / (i0.max() - i0.min())
     assert np.abs(x[0] - ref).mean() < 0.02  # JPEG q95
+
+
+def test_prepare_errors_are_one_line(tmp_path, capsys):
+    assert main(["prepare", "npy", "--out", str(tmp_path / "npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: prepare npy needs --src <SSL4MIS folder>"]
+    assert main(["prepare", "npy", "--src", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nowhere" in err[0]
+    with pytest.raises(SystemExit) as e:  # prepare takes no config overrides
+        main(["prepare", "synthetic", "--out", str(tmp_path / "s"), "--train.max_iterations=3"])
+    assert e.value.code == 2 and not (tmp_path / "s").exists()

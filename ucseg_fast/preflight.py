@@ -7,15 +7,17 @@ as one line (`PreflightError`, a `UserError`: exit code 2), instead of after min
 loading -- or as a traceback. What it checks:
 
 * the device: ``train.device`` names a device (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ...),
-  CUDA exists when asked for, the CUDA index exists, ``train.amp = 'fp16'`` is not asked of CUDA;
+  CUDA exists when asked for, the CUDA index exists;
+* the recipe on that device (`Recipe.check`): a CUDA-graph step it can capture, Triton for the
+  fused ops (a `ConfigError`);
 * the output folder ``train.out_dir``: creatable and writable (created, a probe file written,
   fsynced and removed; a folder it had to create is removed again in a single-process run);
 * the data root ``data.root``: an existing folder (a file, a broken link or a symbolic-link loop
-  is reported as what it is), and what ``data.format`` reads there: SSL4MIS 2D
-  ``train_slices.list``, ``<val_split>.list`` and ``data/``; SSL4MIS / UA-MT 3D ``train.list``
-  and ``<val_split>.list``; image folders ``labeled/image`` + ``labeled/mask``,
-  ``unlabeled/image`` (unless ``data.unlabeled_manifest``) and ``val/image``; NIfTI ``imagesTr/``
-  and ``imagesVal/`` or ``imagesTs/``; the manifest file when one is named;
+  is reported as what it is), and what ``data.format`` reads there (for the recipe's
+  dimensions): SSL4MIS 2D ``train_slices.list``, ``<val_split>.list`` and ``data/``; SSL4MIS /
+  UA-MT 3D ``train.list`` and ``<val_split>.list``; image folders ``labeled/image`` +
+  ``labeled/mask``, ``unlabeled/image`` (unless ``data.unlabeled_manifest``) and ``val/image``;
+  NIfTI ``imagesTr/`` and ``imagesVal/`` or ``imagesTs/``; the manifest file when one is named;
 * SSL4MIS 2D: ``train_slices.list`` names at least ``data.labeled_patients`` patients (slice
   names grouped by the prefix before the first ``_``, as the data layer counts them), leaves
   unlabeled slices (unless a manifest supplies them) and fills one labeled batch;
@@ -41,7 +43,8 @@ from typing import Any
 from .errors import PreflightError
 
 __all__ = ["INFERENCE_KEYS", "RESUME_KEYS", "check_data", "check_device", "check_output_folder",
-           "check_output_path", "check_resume", "path_problem", "check_sidecar", "preflight"]
+           "check_output_path", "check_recipe", "check_resume", "path_problem", "check_sidecar",
+           "preflight"]
 
 #: Sidecar keys `eval` / `predict` read (`load_checkpoint` and `_load_for_inference`).
 INFERENCE_KEYS = ("format", "tensors_file", "tensors_sha256", "config", "iteration")
@@ -57,18 +60,26 @@ def preflight(cfg: Any, *, resume: str | None = None) -> None:
     """Raise `PreflightError` (one line) when the run cannot start: device, data root and the
     files its format needs, labeled patients, resume checkpoint, output folder (module
     docstring). Reads list files and at most one image header; loads no data, builds no model."""
-    check_device(cfg.train.device, key="train.device", amp=cfg.train.amp)
+    device = check_device(cfg.train.device, key="train.device")
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    check_recipe(cfg, device, world_size)
     check_data(cfg)
     if resume:
         check_resume(resume)
     # last: the only check that touches the disk; a folder it creates is removed again unless
     # other ranks (torchrun) may be probing it at the same moment
-    distributed = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-    check_output_folder(cfg.train.out_dir, key="train.out_dir", keep=distributed)
+    check_output_folder(cfg.train.out_dir, key="train.out_dir", keep=world_size > 1)
+
+
+def check_recipe(cfg: Any, device: Any, world_size: int = 1) -> None:
+    """The recipe's checks that need the device (`Recipe.check`: a CUDA-graph step it cannot
+    capture, fused ops without Triton), without reading the data folder (`check_data` does)."""
+    from .train.recipe import Recipe
+    Recipe(cfg).check(device, world_size, data=False)
 
 
 # ------------------------------------------------------------------------------ device
-def check_device(name: str, *, key: str = "train.device", amp: str | None = None):
+def check_device(name: str, *, key: str = "train.device"):
     """The torch.device `name` means on this machine (``auto``: CUDA when available), or
     `PreflightError` naming `key` and the value."""
     import torch
@@ -95,9 +106,6 @@ def check_device(name: str, *, key: str = "train.device", amp: str | None = None
         elif dev.type != "cpu":
             raise PreflightError(f"{key} = {name!r}: training and inference run on 'cpu' or "
                                  "'cuda[:N]' ('auto' picks)")
-    if amp == "fp16" and dev.type == "cuda":
-        raise PreflightError("train.amp = 'fp16' needs a GradScaler, which this trainer does not "
-                             "use; choose 'bf16' or 'none'")
     return dev
 
 
@@ -224,10 +232,10 @@ def check_data(cfg: Any) -> None:
         why = path_problem(Path(d.unlabeled_manifest), "file")
         if why is not None:
             raise PreflightError(f"data.unlabeled_manifest = '{d.unlabeled_manifest}' {why}")
-    three_d = len(d.img_size) == 3
+    three_d = cfg.spec.dims == 3
     fmt = d.format
     if fmt == "ssl4mis" and three_d:
-        layout = "data.format = 'ssl4mis' with a 3D data.img_size reads <root>/train.list"
+        layout = f"data.format = 'ssl4mis' with the 3D recipe {cfg.recipe!r} reads <root>/train.list"
         _require(root / "train.list", "file", layout)
         holdout = d.val_holdout
         if holdout:  # validation reads the last val_holdout lines of train.list, no other list
