@@ -1,21 +1,38 @@
 """Access to the golden vectors computed by the reference implementation.
 
-`../shared/golden/` (or $UCSEG_GOLDEN) holds a JSON file and a safetensors file (see its
-README). This module regenerates the large inputs bit for bit (splitmix64 generator of the
-README §3), computes probes (§4) and compares values with the README's tolerance classes (§2).
+`tests/golden/` holds a JSON file and a safetensors file (see its README.md); $UCSEG_GOLDEN
+names another folder with the same two files (a regenerated set, say) to use instead. This module
+regenerates the large inputs bit for bit (the splitmix64 generator below), computes probes and
+compares values with the tolerance classes the JSON names.
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-_REPO = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("UCSEG_GOLDEN", _REPO.parent / "shared" / "golden"))
+VENDORED_DIR = Path(__file__).resolve().parent / "golden"
+GOLDEN_FILES = ("ucseg2d_golden.json", "ucseg2d_golden.safetensors")
+
+
+def _golden_dir() -> Path:
+    """$UCSEG_GOLDEN when it holds the file pair, else the vendored copy. An override that does
+    not hold the pair is reported (a warning naming it) and the vendored copy is used."""
+    override = os.environ.get("UCSEG_GOLDEN")
+    if override:
+        if all((Path(override) / f).is_file() for f in GOLDEN_FILES):
+            return Path(override)
+        warnings.warn(f"UCSEG_GOLDEN={override} does not hold {' and '.join(GOLDEN_FILES)}; "
+                      f"using the vendored golden vectors in {VENDORED_DIR}", stacklevel=2)
+    return VENDORED_DIR
+
+
+GOLDEN_DIR = _golden_dir()
 
 GOLD, MIX1, MIX2 = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9),
                     np.uint64(0x94D049BB133111EB))
@@ -204,8 +221,9 @@ _CACHE: dict = {}
 
 
 def golden() -> Golden:
-    if not (GOLDEN_DIR / "ucseg2d_golden.json").exists():
-        pytest.skip(f"golden vectors not found at {GOLDEN_DIR} (set UCSEG_GOLDEN)")
+    missing = [f for f in GOLDEN_FILES if not (GOLDEN_DIR / f).is_file()]
+    if missing:  # part of the repository: a missing file is a broken checkout, never a skip
+        pytest.fail(f"golden vectors missing: {', '.join(str(GOLDEN_DIR / f) for f in missing)}")
     if "g" not in _CACHE:
         _CACHE["g"] = Golden()
     return _CACHE["g"]

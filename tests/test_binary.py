@@ -1,4 +1,4 @@
-"""The binary (sigmoid) UC-Seg variant of the 2D-generic trainer (METHOD.md §2, §2.4, §6.4) and
+"""The binary (sigmoid) UC-Seg variant of the 2D-generic trainer (docs/method.md §2, §2.4, §6.4) and
 colour image folders: loss terms against an independent computation, the per-channel σ
 pseudo-label rule on a hand case, per-image validation against medpy, RGB batches keep their 3
 colour channels, and a 3-iteration CLI run on an RGB folder with validation."""
@@ -190,7 +190,7 @@ def _rgb_folder(root, n_lab=4, n_unl=4, n_val=2, hw=(40, 48), ext="png"):
 
 def test_rgb_folder_stream_keeps_colour(tmp_path):
     root = _rgb_folder(tmp_path / "rgb")
-    cfg = load_config("configs/binary_2d.toml", [f"--data.root='{root}'", "--data.img_size=[32,32]",
+    cfg = load_config("binary_2d", [f"--data.root='{root}'", "--data.img_size=[32,32]",
                                                  "--model.patch_size=16", "--data.labeled_bs=2",
                                                  "--data.unlabeled_bs=2", "--data.augment=false"])
     s = build_train_stream(cfg.data, device="cpu", seed=0, channels=3)
@@ -207,7 +207,7 @@ def test_rgb_folder_stream_keeps_colour(tmp_path):
 def test_rgb_folder_dali_stream_keeps_colour(tmp_path):
     pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed")
     root = _rgb_folder(tmp_path / "rgb")
-    cfg = load_config("configs/binary_2d.toml", [f"--data.root='{root}'", "--data.img_size=[32,32]",
+    cfg = load_config("binary_2d", [f"--data.root='{root}'", "--data.img_size=[32,32]",
                                                  "--model.patch_size=16", "--data.labeled_bs=2",
                                                  "--data.unlabeled_bs=2", "--data.augment=false",
                                                  "--data.backend='dali'"])
@@ -222,7 +222,7 @@ def test_rgb_folder_dali_stream_keeps_colour(tmp_path):
 def test_rgb_folder_trains_from_cli_with_validation(tmp_path):
     root = _rgb_folder(tmp_path / "rgb", ext="jpg")  # JPEG images + PNG masks, as polyp sets
     out = tmp_path / "run"
-    assert main(["train", "--config", "configs/binary_2d.toml", f"--data.root='{root}'",
+    assert main(["train", "--config", "binary_2d", f"--data.root='{root}'",
                  f"--train.out_dir='{out}'", "--data.img_size=[32,32]", "--model.patch_size=16",
                  "--data.labeled_bs=2", "--data.unlabeled_bs=2", "--train.max_iterations=3",
                  "--train.val_every=3", "--train.log_every=1", "--train.progress=false",

@@ -1,5 +1,5 @@
 """CCP (IC, IFE, queues) on tiny hand-checkable cases, against plain-loop oracles written here
-independently of the vectorised implementation (METHOD.md §2.4)."""
+independently of the vectorised implementation (docs/method.md §2.4)."""
 from __future__ import annotations
 
 import math
@@ -116,7 +116,7 @@ def mask_rule_3d_stride2(m: torch.Tensor) -> torch.Tensor:
 # pooling, masks, prototypes
 # ------------------------------------------------------------------------------------------------
 def test_bin_rule_examples():
-    # METHOD.md §2.4 / golden README: bins overlap when 3 does not divide n
+    # docs/method.md §2.4 / docs/golden.md §6 (CCP, item 4): bins overlap when 3 does not divide n
     assert [(r.start, r.stop) for r in bins(14)] == [(0, 5), (4, 10), (9, 14)]
     assert [(r.start, r.stop) for r in bins(16)] == [(0, 6), (5, 11), (10, 16)]
     assert [(r.start, r.stop) for r in bins(5)] == [(0, 2), (1, 4), (3, 5)]

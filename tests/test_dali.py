@@ -20,13 +20,13 @@ CLASSES = {0, 1, 2, 3}
 ALL_ON = dict(distort_p=1.0, dropout_p=1.0, elastic_alpha=300.0)
 
 
+N_LABELED = 56  # the synthetic set's first 7 patients (conftest.SYNTH_ACDC); 24 unlabeled
+
+
 @pytest.fixture(scope="module")
-def cache():
-    from conftest import ACDC_ROOT
+def cache(synth_acdc):
     from ucseg_fast.data import SSL4MISDataset
-    if not (ACDC_ROOT / "train_slices.list").exists():
-        pytest.skip("ACDC subset missing")
-    return SSL4MISDataset(ACDC_ROOT).load_slices(size=(64, 64))
+    return SSL4MISDataset(synth_acdc).load_slices(size=(64, 64))
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def _pair(cache, aug, seed=3):
     from ucseg_fast.data import TrainStream
     from ucseg_fast.data.dali import DaliTrainStream
     imgs, labs = cache
-    kw = dict(n_labeled=136, labeled_bs=4, unlabeled_bs=4, seed=seed, augment=aug)
+    kw = dict(n_labeled=N_LABELED, labeled_bs=4, unlabeled_bs=4, seed=seed, augment=aug)
     return TrainStream.from_tensors(imgs, labs, **kw), DaliTrainStream(imgs, labs, **kw)
 
 
@@ -70,7 +70,7 @@ def _replay(cache, aug, draw, seed=3, steps=1, bl=4):
     from ucseg_fast.data import TrainStream
     from ucseg_fast.data.augment import apply_stages
     imgs, labs = cache
-    ts = TrainStream.from_tensors(imgs, labs, n_labeled=136, labeled_bs=bl, unlabeled_bs=4, seed=seed)
+    ts = TrainStream.from_tensors(imgs, labs, n_labeled=N_LABELED, labeled_bs=bl, unlabeled_bs=4, seed=seed)
     draw_kw = {k: v for k, v in aug.items() if k != "elastic_alpha"}
     out = []
     for _ in range(steps):
@@ -144,7 +144,7 @@ def test_dali_ssr_geometry_matches_torch(cache):
 def test_image_equal_label_map_same_geometry(cache, aug):
     from ucseg_fast.data.dali import DaliTrainStream
     _, labs = cache
-    dl = DaliTrainStream(labs.float(), labs, n_labeled=136, labeled_bs=6, unlabeled_bs=2, seed=1, augment=aug)
+    dl = DaliTrainStream(labs.float(), labs, n_labeled=N_LABELED, labeled_bs=6, unlabeled_bs=2, seed=1, augment=aug)
     for _ in range(2):
         b = dl.next()
         assert set(torch.unique(b.y_l).tolist()) <= CLASSES
@@ -161,7 +161,7 @@ def test_dali_resume_exact(cache, monkeypatch, depth):
     from ucseg_fast.data.dali import DaliTrainStream
     monkeypatch.setattr(D, "_PREFETCH_DEPTH_CPU", depth)
     imgs, labs = cache
-    kw = dict(n_labeled=136, labeled_bs=4, unlabeled_bs=4, seed=5,
+    kw = dict(n_labeled=N_LABELED, labeled_bs=4, unlabeled_bs=4, seed=5,
               augment=dict(distort_p=0.5, dropout_p=0.5, elastic_alpha=300.0))
     s = DaliTrainStream(imgs, labs, **kw)
     s.next()
@@ -175,13 +175,12 @@ def test_dali_resume_exact(cache, monkeypatch, depth):
             assert torch.equal(w.x_l, g.x_l) and torch.equal(w.y_l, g.y_l) and torch.equal(w.x_u, g.x_u)
 
 
-def test_dali_folder_decodes_like_torch(tmp_path, cache, monkeypatch):
-    from conftest import ACDC_ROOT
+def test_dali_folder_decodes_like_torch(tmp_path, synth_acdc, monkeypatch):
     from ucseg_fast.config import load_config
     from ucseg_fast.data.augment import apply_stages
     from ucseg_fast.data.factory import build_train_stream
     from ucseg_fast.data.folders import FolderDataset, export_folder
-    export_folder(ACDC_ROOT, tmp_path, fmt="png", labeled_patients=3, max_val_volumes=0)
+    export_folder(synth_acdc, tmp_path, fmt="png", labeled_patients=3, max_val_volumes=0)
     ov = [f"--data.root='{tmp_path}'", "--data.format=folder", "--data.img_size=[64,64]",
           "--data.labeled_bs=4", "--data.unlabeled_bs=3", "--data.backend=dali",
           "--loss.phase2_start=50000"]  # unequal halves: no copy-paste phase

@@ -179,7 +179,7 @@ def test_factory_and_config_build_dali_3d(la_root, tmp_path):
     from ucseg_fast.data import VolumeStream
     from ucseg_fast.data.dali3d import DaliVolumeStream
     from ucseg_fast.data.factory import build_train_stream
-    cfg = load_config("configs/la_3d.toml", _overrides(la_root, tmp_path))
+    cfg = load_config("la_3d", _overrides(la_root, tmp_path))
     assert cfg.data.backend == "dali" and cfg.data.img_size == (32, 32, 32)
     s = build_train_stream(cfg.data, device="cpu", seed=5, channels=1)
     ref = build_train_stream(dataclasses.replace(cfg.data, backend="torch"), device="cpu", seed=5, channels=1)
@@ -197,7 +197,7 @@ def test_factory_and_config_build_dali_3d(la_root, tmp_path):
 def test_cli_trains_3d_with_dali(la_root, tmp_path):
     from ucseg_fast.cli import main as cli_main
     out = tmp_path / "run"
-    assert cli_main(["train", "--config", "configs/la_3d.toml", *_overrides(la_root, out)]) == 0
+    assert cli_main(["train", "--config", "la_3d", *_overrides(la_root, out)]) == 0
     recs = [json.loads(line) for line in open(out / "metrics.jsonl") if '"L"' in line]
     assert [r["iteration"] for r in recs][-1] == 2 and len(recs) == 2
     assert all(np.isfinite(r["L"]) for r in recs)

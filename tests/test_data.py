@@ -1,5 +1,5 @@
-"""Data layer: SSL4MIS reader (real ACDC subset + broken files), sampler semantics and resume,
-synthetic writer, TrainStream, Batch."""
+"""Data layer: SSL4MIS reader (synthetic set, the real ACDC subset in the real-data tier, broken
+files), sampler semantics and resume, synthetic writer, TrainStream, Batch."""
 from __future__ import annotations
 
 import itertools
@@ -45,9 +45,11 @@ def _copy(root: Path, tmp_path: Path) -> Path:
     return dst
 
 
-# ---------------------------------------------------------------------------- real ACDC subset
-def test_acdc_counts(acdc_root):
-    ds = SSL4MISDataset(acdc_root, num_classes=4)
+# ---------------------------------------------------------------------------- ACDC sets
+@pytest.mark.realdata
+def test_acdc_counts(real_acdc):
+    """The real subset is what its README says: the SSL4MIS list's first 14 patients."""
+    ds = SSL4MISDataset(real_acdc, num_classes=4)
     names = ds.train_slices
     assert len(names) == 256 and names[0] == "patient099_frame01_slice_15"
     assert labeled_slice_count(3) == 68 and labeled_slice_count(7) == 136 and labeled_slice_count(14) == 256
@@ -61,29 +63,43 @@ def test_acdc_counts(acdc_root):
         ds.volumes("train")
 
 
-def test_acdc_read_slice_and_volume(acdc_root):
-    ds = SSL4MISDataset(acdc_root, num_classes=4)
-    name = "patient004_frame01_slice_1"
+def _slice_and_volume(acdc_set):
+    """A base slice with all four classes and a validation volume of the set."""
+    if acdc_set.real:
+        return "patient004_frame01_slice_1", "patient019_frame01"
+    ds = SSL4MISDataset(acdc_set.root)
+    return next(n for n in ds.train_slices if n.endswith("_slice_1")), ds.volumes("val")[0]
+
+
+def test_acdc_read_slice_and_volume(acdc_set):
+    ds = SSL4MISDataset(acdc_set.root, num_classes=4)
+    name, volume = _slice_and_volume(acdc_set)
     image, label = ds.read_slice(name)
-    with h5py.File(acdc_root / "data" / "slices" / f"{name}.h5", "r") as f:
+    with h5py.File(acdc_set.root / "data" / "slices" / f"{name}.h5", "r") as f:
         raw_image, raw_label = f["image"][()], f["label"][()]
-    assert image.dtype == np.float32 and label.dtype == np.int64 and image.shape == (256, 232)
+    assert image.dtype == np.float32 and label.dtype == np.int64 and image.shape == raw_image.shape
     assert np.array_equal(image, raw_image) and np.array_equal(label, raw_label)
     assert set(np.unique(label)) == {0, 1, 2, 3}
-    vol, vlab = ds.read_volume("patient019_frame01")
-    assert vol.shape == vlab.shape == (11, 256, 216) and vol.dtype == np.float32 and vlab.dtype == np.int64
+    vol, vlab = ds.read_volume(volume)
+    with h5py.File(acdc_set.root / "data" / f"{volume}.h5", "r") as f:
+        assert vol.shape == vlab.shape == f["image"].shape
+    assert vol.dtype == np.float32 and vlab.dtype == np.int64
     assert 0.0 <= vol.min() and vol.max() <= 1.0 and vlab.max() <= 3
+    if acdc_set.real:
+        assert image.shape == (256, 232) and vol.shape == (11, 256, 216)
 
 
-def test_acdc_load_slices_resizes_with_cv2_rule(acdc_root):
-    ds = SSL4MISDataset(acdc_root)
-    names = ["patient004_frame01_slice_1", ds.train_slices[0]]
+def test_acdc_load_slices_resizes_with_cv2_rule(acdc_set):
+    ds = SSL4MISDataset(acdc_set.root)
+    names = [_slice_and_volume(acdc_set)[0], ds.train_slices[0]]
     images, labels = ds.load_slices(names)
     assert images.shape == labels.shape == (2, 256, 256)
     assert images.dtype == torch.float32 and labels.dtype == torch.uint8
-    image, label = ds.read_slice(names[0])  # 256 x 232
-    cols = cv2_nearest_indices(232, 256)
-    assert np.array_equal(images[0].numpy(), image[:, cols]) and np.array_equal(labels[0].numpy(), label[:, cols])
+    image, label = ds.read_slice(names[0])  # real: 256 x 232, synthetic: 256 x 216
+    assert image.shape[1] != 256
+    rows, cols = cv2_nearest_indices(image.shape[0], 256), cv2_nearest_indices(image.shape[1], 256)
+    assert np.array_equal(images[0].numpy(), image[rows][:, cols])
+    assert np.array_equal(labels[0].numpy(), label[rows][:, cols])
 
 
 def test_cv2_nearest_rule():
@@ -317,10 +333,13 @@ def test_stream_resume_exact_with_augmentation(synth_root):
         TrainStream(ds, n_labeled=0, labeled_bs=2, unlabeled_bs=2, seed=0)
 
 
-def test_stream_real_acdc_7_patients(acdc_root):
-    ds = SSL4MISDataset(acdc_root, num_classes=4)
-    s = TrainStream(ds, n_labeled=labeled_slice_count(7), labeled_bs=12, unlabeled_bs=12, seed=42)
-    assert s.epoch_length == 11 and s.n_unlabeled == 120  # METHOD.md §3: 136 / 12 -> 11
+def test_stream_acdc_7_patients(acdc_set):
+    ds = SSL4MISDataset(acdc_set.root, num_classes=4)
+    n_l = slices_of_first_patients(ds.train_slices, 7)
+    s = TrainStream(ds, n_labeled=n_l, labeled_bs=12, unlabeled_bs=12, seed=42)
+    assert s.epoch_length == n_l // 12 and s.n_unlabeled == len(ds.train_slices) - n_l
+    if acdc_set.real:  # docs/method.md §3: 136 / 12 -> 11
+        assert n_l == labeled_slice_count(7) == 136 and s.epoch_length == 11 and s.n_unlabeled == 120
     b = s.next()
     assert b.x_l.shape == b.x_u.shape == (12, 3, 256, 256) and b.y_l.shape == (12, 256, 256)
     assert b.labeled_bs == 12 and b.unlabeled_bs == 12
@@ -365,7 +384,8 @@ def test_batch_pin_and_move():
 def test_non_finite_image_is_an_error_naming_the_file(tmp_path):
     import h5py
     import numpy as np
-    from ucseg_fast.data.ssl4mis import DataError, SSL4MISDataset
+    from ucseg_fast.data.errors import DataError
+    from ucseg_fast.data.ssl4mis import SSL4MISDataset
     (tmp_path / "data" / "slices").mkdir(parents=True)
     img = np.zeros((8, 8), np.float32)
     img[3, 3] = np.nan

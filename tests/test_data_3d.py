@@ -1,12 +1,11 @@
 """3D data path: UA-MT / SSL4MIS volume reader (every layout, broken files), the reference's
 RandomRotFlip -> RandomCrop against a literal numpy port, VolumeStream (shapes, streams, resume,
-ranks), the factory's 3D branch and the real LA subset."""
+ranks), the factory's 3D branch and an LA set (synthetic; the real subset in the real-data tier)."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -28,9 +27,6 @@ from ucseg_fast.data import (
 )
 from ucseg_fast.data.factory import build_train_stream
 from ucseg_fast.data.stream3d import _numpy_rng
-
-REPO = Path(__file__).resolve().parents[1]
-LA_ROOT = Path(os.environ.get("UCSEG_DATA", REPO.parent / "shared" / "data")) / "LA"
 
 LAYOUTS = {
     "la": lambda root, n: root / "2018LA_Seg_Training Set" / n / "mri_norm2.h5",
@@ -356,22 +352,23 @@ def test_factory_builds_volume_stream(tmp_path):
             build_train_stream(_cfg(root, labeled_patients=n), device="cpu", seed=0)
 
 
-# ---------------------------------------------------------------------------- real LA subset
-def test_real_la_volumes():
-    if not (LA_ROOT / "train.list").exists():
-        pytest.skip(f"LA subset not found at {LA_ROOT} (set UCSEG_DATA)")
-    ds = VolumeDataset(LA_ROOT, num_classes=2)
+# ---------------------------------------------------------------------------- LA sets
+def test_la_volumes(la_set):
+    """The UA-MT layout end to end: the synthetic LA-like set, and the real subset (2 cases about
+    [180, 140, 88]) in the real-data tier."""
+    ds = VolumeDataset(la_set.root, num_classes=2)
     names = ds.train_volumes
-    assert len(names) == 2
+    assert len(names) == (2 if la_set.real else 3)
     for name in names:
-        assert ds.path(name) == LA_ROOT / "2018LA_Seg_Training Set" / name / "mri_norm2.h5"
+        assert ds.path(name) == la_set.root / "2018LA_Seg_Training Set" / name / "mri_norm2.h5"
         image, label = ds.read_volume(name)
         assert image.dtype == np.float32 and label.dtype == np.int64 and image.shape == label.shape
-        assert 170 <= image.shape[0] <= 210 and 130 <= image.shape[1] <= 150 and image.shape[2] == 88
+        if la_set.real:
+            assert 170 <= image.shape[0] <= 210 and 130 <= image.shape[1] <= 150 and image.shape[2] == 88
         assert set(np.unique(label).tolist()) == {0, 1}
-    # Z = 88 < 96: RandomCrop pads every axis (here only Z) before cropping
+    # an axis shorter than 96 (real: Z = 88; synthetic: every axis): RandomCrop pads it first
     s = VolumeStream(ds, n_labeled=1, labeled_bs=1, unlabeled_bs=1, seed=42, patch_size=(96, 96, 96))
-    assert s.epoch_length == 1 and s.n_unlabeled == 1
+    assert s.epoch_length == 1 and s.n_unlabeled == len(names) - 1
     b = s.next()
     assert b.x_l.shape == b.x_u.shape == (1, 1, 96, 96, 96) and b.y_l.shape == (1, 96, 96, 96)
     assert b.y_l.dtype == torch.int64 and set(b.y_l.unique().tolist()) <= {0, 1}

@@ -72,15 +72,13 @@ def _spawn_two(root, tmp_path, recipe: str):
     return out, r0, recs
 
 
-def test_two_process_gloo_3d(tmp_path):
+def test_two_process_gloo_3d(synth_la, tmp_path):
     """The 3D recipe: each rank crops its own volumes, the replicas stay in lockstep."""
-    from ucseg_fast.data.synthetic import write_synthetic_la
-    root = write_synthetic_la(tmp_path / "la", n_train=3, n_test=1, shape=(40, 36, 34), seed=3)
-    _spawn_two(root, tmp_path, "la")
+    _spawn_two(synth_la, tmp_path, "la")
 
 
-def test_two_process_gloo(acdc_root, tmp_path):
-    out, r0, recs = _spawn_two(acdc_root, tmp_path, "acdc")
+def test_two_process_gloo(synth_acdc, tmp_path):
+    out, r0, recs = _spawn_two(synth_acdc, tmp_path, "acdc")
     from ucseg_fast.train.checkpoint import load_checkpoint
     tensors, meta = load_checkpoint(out / "last.json")
     assert meta["iteration"] == 2
@@ -148,10 +146,10 @@ def _resume_worker(rank: int, world: int, port: int, root: str, out: str, res: s
         dist.destroy_process_group()
 
 
-def test_two_process_resume_is_exact(acdc_root, tmp_path):
+def test_two_process_resume_is_exact(synth_acdc, tmp_path):
     out, res = tmp_path / "run", tmp_path / "res"
     res.mkdir()
-    mp.spawn(_resume_worker, args=(2, _free_port(), str(acdc_root), str(out), str(res)),
+    mp.spawn(_resume_worker, args=(2, _free_port(), str(synth_acdc), str(out), str(res)),
              nprocs=2, join=True)
     runs = [torch.load(res / f"rank{r}.pt") for r in (0, 1)]
     for rank, run in enumerate(runs):
@@ -189,7 +187,7 @@ def test_two_process_resume_is_exact(acdc_root, tmp_path):
 
     # another world size is refused, naming both sizes
     from ucseg_fast.train import Trainer
-    single = Trainer(_resume_cfg(str(acdc_root), str(tmp_path / "single")), log=lambda s: None)
+    single = Trainer(_resume_cfg(str(synth_acdc), str(tmp_path / "single")), log=lambda s: None)
     with pytest.raises(CheckpointError, match="saved with world size 2 but this run has world "
                                               "size 1"):
         single.load(out / "split" / "last.json")

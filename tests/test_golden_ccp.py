@@ -1,5 +1,5 @@
-"""CCP (IC, IFE, queue update) against the reference's numbers: golden README §6 "CCP (item 4)",
-§7.4. Inputs: features and queues regenerated with `g.input`, predicted/label maps from
+"""CCP (IC, IFE, queue update) against the reference's numbers: the `ccp.*` golden keys
+(tests/golden/README.md). Inputs: features and queues regenerated with `g.input`, predicted/label maps from
 `disc_map` of the `ccp.*_discs` parameters; everything in float64 like the golden run."""
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_level_values(run, i, c):
         mask = resize_mask(run["pred"][k - 1], f.shape[2:])
         counts = mask.sum((2, 3)).to(torch.int64).tolist()
         assert counts == g.scalar(f"ccp.L{c}.mask{k}_counts"), f"L{c} mask{k} counts"
-        # the README's exact rule for an even stride: >= 3 of the 4 centre pixels of the block
+        # the reference's exact rule for an even stride: >= 3 of the 4 centre pixels of the block
         s = 256 // f.shape[-1]
         centre = run["pred"][k - 1][..., s // 2 - 1::s, :][..., s // 2 - 1::s] + \
             run["pred"][k - 1][..., s // 2::s, :][..., s // 2 - 1::s] + \

@@ -1,7 +1,8 @@
 """Golden parity of loss primitives, pseudo-labels, copy-paste and schedules.
 
-Golden README items 3 (`loss.*`), 5 (`pl.*`, `mix.*`) and 6 (`sched.table`), each key with the
-tolerance class the README gives it. Skips when the golden files are absent.
+The golden keys `loss.*`, `pl.*`, `mix.*` and `sched.table`, each under its tolerance class
+(tests/golden/README.md); and the input generator's check vectors (the test lives in
+tests/golden.py, which is no test module of its own).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from golden import disc_map, golden, one_hot
+from golden import test_generator_check_vectors  # noqa: F401  (collected here)
 from ucseg_fast import losses as L
 from ucseg_fast import pseudo_labels as PL
 from ucseg_fast.config import scaled_iteration
@@ -50,7 +52,7 @@ def _grad(fn, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_loss_inputs(g, zy):
     z, y_cls, _ = zy
     assert z.dtype == torch.float64 and z.shape == (2, 4, 8, 8)
-    # README: image 0 row 7, cols 0..3 (softplus threshold branch, ties)
+    # the golden input: image 0 row 7, cols 0..3 (softplus threshold branch, ties)
     assert z[0, :, 7, 0].tolist() == [30.0, -30.0, 0.0, 0.0]
     assert z[0, :, 7, 1].tolist() == [-30.0, 30.0, -30.0, 30.0]
     assert len(set(z[0, :, 7, 2].tolist())) == 1

@@ -1,4 +1,4 @@
-"""Golden parity of one whole training objective (golden README §6 "Objectives", §7.7 item 7).
+"""Golden parity of one whole training objective (the `obj1.*` / `obj2.*` golden keys).
 
 The subnets are replaced by fixed modules returning the golden logits and features (as the
 reference was driven); everything else — uncertainty, UPG, pseudo-labels with largest-CC,
@@ -21,7 +21,7 @@ from ucseg_fast.train.schedules import ScheduleTensors
 
 LEVELS = (64, 128, 256)
 
-# tolerance class of every term (golden README §6, term table)
+# tolerance class of every term (f32 where the reference rounds to float32; tests/golden/README.md)
 TERM_TOL = {**{k: "f64" for k in (
     "ce1_l", "ce2_l", "ceP_l", "au1", "au2", "auP", "dice1_l", "dice2_l", "diceP_l", "sup1",
     "sup2", "pseudo", "ce1_u", "dice1_u", "ce2_u", "dice2_u", "unsup1", "unsup2",

@@ -1,8 +1,8 @@
-"""Golden parity of the UPG path with the authors' code (golden README §7.1 item 1, §7.2 item 2).
+"""Golden parity of the UPG path with the authors' code (the `evid.*` and `upg.*` golden keys).
 
 The whole item-2 run (float64, [4,4,256,256], eval forward, train forward, backward of
 Σ P_train·w) happens once in a module fixture; each test checks one group of keys with the
-tolerance class the README gives for it.
+tolerance class that fits it (tests/golden/README.md).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _golden_upg(g) -> UPG:
 
 @pytest.fixture(scope="module")
 def run():
-    """One eval forward and one train forward + backward, as the reference was driven (§6 item 2)."""
+    """One eval forward and one train forward + backward, as the reference was driven."""
     g = golden()
     upg = _golden_upg(g)
     z1, z2, u1, u2, w = (g.input(f"upg.in.{k}") for k in ("z1", "z2", "u1", "u2", "w"))

@@ -180,10 +180,14 @@ def test_evaluate_volumes_validation_protocol_matches_reference():
     assert "HD95" not in format_table(val) and "Myo" in format_table(val)
 
 
-def test_evaluate_on_real_acdc_volume(acdc_root, tmp_path):
-    """A real validation volume (256×216: hits scipy's overflow column) through the oracle."""
-    with h5py.File(acdc_root / "data" / "patient019_frame01.h5", "r") as f:
+def test_evaluate_on_acdc_volume(acdc_set, tmp_path):
+    """A validation volume (256×216: hits scipy's overflow column) through the oracle: the
+    synthetic set's first, and the real patient019_frame01 in the real-data tier."""
+    name = "patient019_frame01" if acdc_set.real else \
+        (acdc_set.root / "val.list").read_text().split()[0]
+    with h5py.File(acdc_set.root / "data" / f"{name}.h5", "r") as f:
         lab = f["label"][:].astype(np.int64)
+    assert lab.shape[1:] == (256, 216) and not zoom_order0_indices(256, 216)[1].all()
     img = (lab / 4.0).astype(np.float32)[:3]
     lab = lab[:3]
     fn = oracle_predict_fn([])

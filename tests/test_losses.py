@@ -84,7 +84,7 @@ def test_dice_3d_is_per_axial_slice():
 
 
 def test_dice_gradient_matches_closed_form():
-    # METHOD.md §6.5: dL/dp_i = -(2 Y_i (U+eps) - (2I+eps)) / (G (U+eps)^2), G = B*C groups
+    # docs/method.md §6.5: dL/dp_i = -(2 Y_i (U+eps) - (2I+eps)) / (G (U+eps)^2), G = B*C groups
     torch.manual_seed(0)
     eps = 1e-5
     p = torch.rand(2, 3, 4, 5, dtype=f64).requires_grad_()
@@ -131,7 +131,7 @@ def test_au_hand_cases_float32_lambda():
 
 
 def test_au_gradient_matches_closed_form_including_softplus_threshold():
-    # METHOD.md §6.5 with g_c = sp'(z_c) (exactly 1 for z > 20)
+    # docs/method.md §6.5 with g_c = sp'(z_c) (exactly 1 for z > 20)
     z = _t([[[[0.3, 30.0, -1.0]], [[-0.7, -30.0, 2.0]], [[1.1, 25.0, 0.5]]]]).requires_grad_()
     k = torch.tensor([[[0, 1, 2]]])  # pixel 0: hit (a=1), pixel 1: miss, pixel 2: hit
     lam = torch.tensor(0.3, dtype=torch.float32)

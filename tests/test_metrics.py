@@ -96,8 +96,12 @@ def test_spacing_scales_distances():
 
 
 @pytest.mark.parametrize("spacing", [None, (10.0, 1.5, 1.5)])
-def test_real_acdc_masks_match_medpy(acdc_root, spacing):
-    with h5py.File(acdc_root / "data" / "patient087_frame01.h5", "r") as f:
+def test_acdc_masks_match_medpy(acdc_set, spacing):
+    """Cardiac masks (the synthetic set's first validation volume; the real patient087_frame01
+    in the real-data tier)."""
+    name = "patient087_frame01" if acdc_set.real else \
+        (acdc_set.root / "val.list").read_text().split()[0]
+    with h5py.File(acdc_set.root / "data" / f"{name}.h5", "r") as f:
         gt = f["label"][:].astype(np.int64)
     assert set(np.unique(gt)) == {0, 1, 2, 3}
     # An eroded-and-shifted GT: every class is present in both but differs.

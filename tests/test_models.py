@@ -1,4 +1,4 @@
-"""Architecture tests of the UC-Seg networks (METHOD.md §1.2, §1.4): shapes, exact parameter
+"""Architecture tests of the UC-Seg networks (docs/method.md §1.2, §1.4): shapes, exact parameter
 counts, dropout/norm placement, patch order, the attention block against an explicit oracle,
 dtype/layout behaviour. Golden parity of the UPG lives in test_golden_upg.py."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Architecture tests of the 3D UC-Seg networks (METHOD.md §1.3, §1.4 3D column): shapes, exact
+"""Architecture tests of the 3D UC-Seg networks (docs/method.md §1.3, §1.4 3D column): shapes, exact
 parameter counts worked out by hand, InstanceNorm / dropout placement, initialisation, the
 reference's state_dict names, the 2D VNet after its move onto the dimension-generic VNet, and
 the assembled 3D model (forward, backward, fused head). CPU, small volumes."""

@@ -129,7 +129,7 @@ def test_factory_stream_over_nifti(nifti_root):
 
 def test_nifti_trains_from_cli(nifti_root, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--config", "configs/demo.toml", f"--data.root='{nifti_root}'",
+    assert main(["train", "--config", "demo", f"--data.root='{nifti_root}'",
                  "--data.format='nifti'", "--data.num_classes=3", "--data.labeled_patients=3",
                  f"--train.out_dir='{out}'", "--data.img_size=[32,32]", "--data.labeled_bs=2",
                  "--data.unlabeled_bs=2", "--train.max_iterations=2", "--train.val_every=2",

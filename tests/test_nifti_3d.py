@@ -1,7 +1,7 @@
 """The 3D recipe on NIfTI volumes in the nnU-Net / MSD layout (Task02_Heart style): axes kept as
 stored, header spacing, per-volume z-score, the labeled/unlabeled split, validation items with
 spacing, errors that name the file, the factory's `VolumeStream`, and a 2-iteration run through
-`Trainer` with `configs/la_3d.toml` followed by `ucseg-fast eval` on its checkpoint."""
+`Trainer` with the `la_3d` preset followed by `ucseg-fast eval` on its checkpoint."""
 from __future__ import annotations
 
 import json
@@ -93,7 +93,7 @@ def _overrides(root, out_dir, **over):
 
 
 def _cfg(root, out_dir, **over):
-    return load_config(REPO / "configs" / "la_3d.toml", _overrides(root, out_dir, **over))
+    return load_config("la_3d", _overrides(root, out_dir, **over))
 
 
 # ---------------------------------------------------------------------------- reading

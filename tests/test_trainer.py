@@ -26,16 +26,16 @@ def losses(out_dir):
     return [json.loads(l)["L"] for l in open(out_dir / "metrics.jsonl") if '"L"' in l]
 
 
-def test_resume_is_exact(acdc_root, tmp_path):
+def test_resume_is_exact(synth_acdc, tmp_path):
     # N straight == N/2, save, resume in a fresh Trainer, N/2 — crossing the phase-2 switch
-    a = Trainer(tiny_cfg(acdc_root, tmp_path / "a"), log=lambda s: None)
+    a = Trainer(tiny_cfg(synth_acdc, tmp_path / "a"), log=lambda s: None)
     a.train()
     ref_losses = losses(tmp_path / "a")
     assert len(ref_losses) == 4
 
-    b = Trainer(tiny_cfg(acdc_root, tmp_path / "b"), log=lambda s: None)
+    b = Trainer(tiny_cfg(synth_acdc, tmp_path / "b"), log=lambda s: None)
     b.train(stop_at=2)
-    c = Trainer(tiny_cfg(acdc_root, tmp_path / "b"), log=lambda s: None)
+    c = Trainer(tiny_cfg(synth_acdc, tmp_path / "b"), log=lambda s: None)
     c.load(tmp_path / "b" / "last.json", strict_config=True)
     assert c.iteration == 2
     c.train()
@@ -46,10 +46,10 @@ def test_resume_is_exact(acdc_root, tmp_path):
         assert torch.equal(va, vc), ka
 
 
-def test_resume_rejects_other_config(acdc_root, tmp_path):
-    a = Trainer(tiny_cfg(acdc_root, tmp_path, **{"train.max_iterations": "1"}), log=lambda s: None)
+def test_resume_rejects_other_config(synth_acdc, tmp_path):
+    a = Trainer(tiny_cfg(synth_acdc, tmp_path, **{"train.max_iterations": "1"}), log=lambda s: None)
     a.train()
-    other = Trainer(tiny_cfg(acdc_root, tmp_path / "o", **{"loss.nms": "false"}), log=lambda s: None)
+    other = Trainer(tiny_cfg(synth_acdc, tmp_path / "o", **{"loss.nms": "false"}), log=lambda s: None)
     with pytest.raises(CheckpointError, match="loss.nms"):
         other.load(tmp_path / "last.json")
     # world size: recorded; another one is refused naming both (the JSON sidecar is not hashed,
@@ -111,8 +111,8 @@ def test_crash_before_commit_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert meta["iteration"] == 1 and torch.equal(tensors["w"], torch.ones(3))
 
 
-def test_training_logs_and_best_checkpoint(acdc_root, tmp_path):
-    cfg = tiny_cfg(acdc_root, tmp_path, **{"train.max_iterations": "2", "train.val_every": "1",
+def test_training_logs_and_best_checkpoint(synth_acdc, tmp_path):
+    cfg = tiny_cfg(synth_acdc, tmp_path, **{"train.max_iterations": "2", "train.val_every": "1",
                                          "loss.phase2_start": "1"})
     tr = Trainer(cfg, log=lambda s: None)
     summary = tr.train()
@@ -130,18 +130,18 @@ def test_training_logs_and_best_checkpoint(acdc_root, tmp_path):
     assert 0.0 <= summary["best_val_dice"] <= 1.0
 
 
-def test_resume_rejects_changed_schedule(acdc_root, tmp_path):
-    a = Trainer(tiny_cfg(acdc_root, tmp_path, **{"train.max_iterations": "1"}), log=lambda s: None)
+def test_resume_rejects_changed_schedule(synth_acdc, tmp_path):
+    a = Trainer(tiny_cfg(synth_acdc, tmp_path, **{"train.max_iterations": "1"}), log=lambda s: None)
     a.train()
-    other = Trainer(tiny_cfg(acdc_root, tmp_path / "o", **{"train.max_iterations": "9"}),
+    other = Trainer(tiny_cfg(synth_acdc, tmp_path / "o", **{"train.max_iterations": "9"}),
                     log=lambda s: None)
     with pytest.raises(CheckpointError, match="train.max_iterations"):
         other.load(tmp_path / "last.json")
 
 
-def test_log_window_spanning_the_phase_switch_averages_each_term_over_its_steps(acdc_root,
+def test_log_window_spanning_the_phase_switch_averages_each_term_over_its_steps(synth_acdc,
                                                                                 tmp_path):
-    cfg = tiny_cfg(acdc_root, tmp_path, **{"train.max_iterations": "4", "train.log_every": "4",
+    cfg = tiny_cfg(synth_acdc, tmp_path, **{"train.max_iterations": "4", "train.log_every": "4",
                                            "loss.phase2_start": "3"})
     Trainer(cfg, log=lambda s: None).train()
     rec = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"L"' in l][-1]

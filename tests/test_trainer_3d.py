@@ -10,18 +10,16 @@ import torch
 
 from ucseg_fast.cli import main as cli_main
 from ucseg_fast.config import load_config
-from ucseg_fast.data.synthetic import write_synthetic_la
 from ucseg_fast.data.stream3d import VolumeStream
 from ucseg_fast.train import Trainer
-from ucseg_fast.train.trainer import build_model
+from ucseg_fast.train.recipe import build_model
 
-REPO_CFG = "configs/la_3d.toml"
+PRESET = "la_3d"
 
 
 @pytest.fixture(scope="module")
-def la_root(tmp_path_factory):
-    return write_synthetic_la(tmp_path_factory.mktemp("la"), n_train=3, n_test=1,
-                              shape=(40, 36, 34), seed=3)
+def la_root(synth_la):
+    return synth_la  # 3 train + 1 test volumes about 40 x 36 x 34 (conftest.SYNTH_LA)
 
 
 def overrides(root, out_dir, **over):
@@ -39,8 +37,7 @@ def overrides(root, out_dir, **over):
 
 
 def cfg_for(root, out_dir, **over):
-    from pathlib import Path
-    return load_config(Path(__file__).resolve().parents[1] / REPO_CFG, overrides(root, out_dir, **over))
+    return load_config(PRESET, overrides(root, out_dir, **over))
 
 
 def losses(out_dir):
@@ -84,7 +81,7 @@ def test_3d_validation_eval_and_predict_cli(la_root, tmp_path, capsys):
     out = tmp_path / "run"
     ov = overrides(la_root, out, **{"train.max_iterations": "2", "train.val_every": "2",
                                      "data.val_split": "test"})
-    assert cli_main(["train", "--config", REPO_CFG, *ov]) == 0
+    assert cli_main(["train", "--config", PRESET, *ov]) == 0
     hist = [json.loads(line) for line in open(out / "metrics.jsonl") if "val_dice" in line]
     assert [h["iteration"] for h in hist] == [0, 2]
     assert all(0.0 <= h["val_dice"] <= 1.0 for h in hist)

@@ -13,13 +13,14 @@ import pytest
 
 from ucseg_fast.config import ConfigError, load_config
 from ucseg_fast.data.factory import build_train_stream
-from ucseg_fast.data.guards import DataError, fingerprint_lines
+from ucseg_fast.data.errors import DataError
+from ucseg_fast.data.guards import fingerprint_lines
 from ucseg_fast.data.synthetic import write_synthetic_la
 from ucseg_fast.data.volumes import VolumeDataset
 from ucseg_fast.eval.protocol import evaluation_items, open_dataset, selection_warning
 
 REPO = Path(__file__).resolve().parents[1]
-PRESET = REPO / "configs" / "la_3d.toml"
+PRESET = "la_3d"
 TRAIN = [f"CASE{i:04d}" for i in range(5)]   # train.list of the synthetic set
 TEST = ["CASE0005"]                           # test.list
 HOLDOUT = 2                                   # CASE0003, CASE0004 validate
@@ -152,7 +153,7 @@ def test_trainer_and_eval_cli(la_root, tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------------------- errors name the key
 def test_bad_values_are_one_line_errors_naming_the_key(la_root):
-    three_d = ["--data.img_size=[32,32,32]", "--data.num_classes=2", "--loss.supervision=sigmoid"]
+    three_d = ["--recipe=binary_3d", "--data.img_size=[32,32,32]", "--data.num_classes=2"]
     with pytest.raises(ConfigError) as e:
         load_config(None, three_d + ["--data.val_holdout=-1"])
     assert "data.val_holdout = -1 must be >= 0" in one_line(e)
