@@ -36,7 +36,7 @@ def pseudo_labels(shape, C: int, seed: int = 0) -> torch.Tensor:
 
 
 def reference_largest_component(labels_gpu: torch.Tensor, C: int) -> torch.Tensor:
-    """What the reference does per step (METHOD.md §6.4, §6.6 row 18), copies included."""
+    """What the reference does per step (docs/method.md §6.4, §6.6 row 18), copies included."""
     from skimage.measure import label
     lab = labels_gpu.cpu().numpy()
     out = np.zeros_like(lab)

@@ -1,4 +1,4 @@
-"""CCP — Cross-subnet Consistency Preservation (METHOD.md §2.4): the IC and IFE contrast losses.
+"""CCP — Cross-subnet Consistency Preservation (docs/method.md §2.4): the IC and IFE contrast losses.
 
 Both are the reference's `Contrast_global_consistency` (one instance per feature level), written
 as a few batched matmuls + one masked logsumexp instead of Python loops over cells and classes.

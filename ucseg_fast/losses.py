@@ -1,4 +1,4 @@
-"""Loss primitives of UC-Seg, reproducing the reference code (METHOD.md §2.1, §6.5).
+"""Loss primitives of UC-Seg, reproducing the reference code (docs/method.md §2.1, §6.5).
 
 Every function here is a pure PyTorch expression of device tensors: no `Tensor.item` call, no
 host-side branch on tensor values, so the whole step can run eagerly, under `torch.compile`

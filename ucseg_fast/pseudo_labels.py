@@ -1,6 +1,6 @@
 """Pseudo-label rules of the fusion (reference) mode and the phase-2 copy-paste mix.
 
-METHOD.md §6.4 (pseudo-label table) and §2.3 (copy-paste). The hard pseudo-label is built
+docs/method.md §6.4 (pseudo-label table) and §2.3 (copy-paste). The hard pseudo-label is built
 from the fused logits P of the unlabeled half, detached, and used on every unlabeled pixel
 (no confidence mask in the reference). The rules, per trainer:
 
@@ -98,7 +98,7 @@ def fusion_pseudo_label_map(
 def fusion_pseudo_label(
     P_u: torch.Tensor, *, nms: bool = True, binary: bool = False, threshold: float = 0.5
 ) -> torch.Tensor:
-    """Hard pseudo-label Y_u `[B, C, *S]`, float32 0/1, no gradient (METHOD.md §6.4 table)."""
+    """Hard pseudo-label Y_u `[B, C, *S]`, float32 0/1, no gradient (docs/method.md §6.4 table)."""
     with torch.no_grad():
         C = P_u.shape[1]
         if nms:
@@ -124,7 +124,7 @@ def _check_binary(P: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Copy-paste (METHOD.md §2.3): one zero box per step, shared by all images and channels.
+# Copy-paste (docs/method.md §2.3): one zero box per step, shared by all images and channels.
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Slice-wise volume inference and the evaluation protocol of the reference (METHOD.md §4).
+"""Slice-wise volume inference and the evaluation protocol of the reference (docs/method.md §4).
 
 ACDC protocol of the reference (``test_single_volume`` / ``prediction_ACDC.py``): every slice
 of a ``[D, H, W]`` volume is resized to 256² with ``scipy.ndimage.zoom(order=0)``, fed to the
@@ -247,7 +247,7 @@ def save_nifti(path: str | Path, volume: np.ndarray | torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------
-# 2D generic protocol: per-image prediction of colour / gray images (METHOD.md §4).
+# 2D generic protocol: per-image prediction of colour / gray images (docs/method.md §4).
 # ------------------------------------------------------------------------------------------
 def binary_decision_logits(logits_NCHW: torch.Tensor) -> torch.Tensor:
     """Two-channel logits whose ``argmax softmax`` is the binary rule ``σ(P)[:, 1] > 0.5``.
@@ -300,7 +300,7 @@ def evaluate_images(predict_fn: PredictFn, items: Iterable[tuple[Any, Any, Any]]
                     batch_size: int = 16, device: torch.device | str | None = None,
                     binary: bool = False, in_channels: int = 3,
                     resolution: str = "model") -> ImageEvaluation:
-    """Per-image validation of image folders (the reference's 2D-generic protocol, METHOD.md §4).
+    """Per-image validation of image folders (the reference's 2D-generic protocol, docs/method.md §4).
 
     items: ``(name, image [C, H, W] float, label [H, W] int)``; images may differ in size.
     Each image is resized to ``img_size`` with OpenCV's nearest rule (the training cache's),

@@ -1,9 +1,9 @@
 """Per-class segmentation metrics: Dice, Jaccard, HD95, ASD.
 
-Two conventions (DESIGN.md §6):
+Two conventions (docs/design.md §6):
 
 * ``mode="medpy"`` reproduces what the reference computes (``medpy.metric.binary`` ``dc``,
-  ``jc``, ``hd95``, ``asd`` applied per class, METHOD.md §4), without importing medpy:
+  ``jc``, ``hd95``, ``asd`` applied per class, docs/method.md §4), without importing medpy:
 
   - surface = ``mask XOR binary_erosion(mask, cross-shaped structure (connectivity 1))``,
     erosion with border value 0 (voxels on the array border belong to the surface);

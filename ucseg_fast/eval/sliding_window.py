@@ -1,4 +1,4 @@
-"""Sliding-window 3D inference and the 3D test protocol of the reference (METHOD.md §4, "3D").
+"""Sliding-window 3D inference and the 3D test protocol of the reference (docs/method.md §4, "3D").
 
 The reference's ``test_single_case`` (UA-MT's loop as UC-Seg ships it in ``prediction.py``):
 

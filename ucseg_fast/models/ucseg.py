@@ -1,4 +1,4 @@
-"""The UC-Seg pair: two independent subnets + the UPG (METHOD.md §1.1; 2D §1.2, 3D §1.3, UPG §1.4).
+"""The UC-Seg pair: two independent subnets + the UPG (docs/method.md §1.1; 2D §1.2, 3D §1.3, UPG §1.4).
 
 ``UCSeg.forward`` is the reference's ``UC_Seg.forward`` with the intermediate maps (u1, u2, A)
 returned as well, so that losses and logging need no second pass.
@@ -90,7 +90,7 @@ def build_ucseg_2d(num_classes: int = 4, in_channels: int = 3, img_size: Sequenc
 
 def build_ucseg_3d(num_classes: int = 2, in_channels: int = 1, img_size: Sequence[int] = (96, 96, 96),
                    patch_size: int = 16, head_impl: str = "torch") -> UCSeg:
-    """The 3D configuration of the reference (LA / Pancreas, METHOD.md §1.3–1.4): SSL4MIS
+    """The 3D configuration of the reference (LA / Pancreas, docs/method.md §1.3–1.4): SSL4MIS
     ``unet_3D`` (net_1, InstanceNorm, dropout 0.3) + VNet 3D, 16 filters (net_2) + UPG with the
     3D cross-attention sizes (embed dim 1024, 8 heads × 128, FFN hidden 384, dropout 0.1).
     ``img_size`` is the training patch ``(X, Y, Z)``; the UPG's position embedding is tied to it."""

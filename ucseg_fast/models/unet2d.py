@@ -1,4 +1,4 @@
-"""2D UNet of SSL4MIS/PyMIC, the reference's ``net_1`` (METHOD.md §1.2).
+"""2D UNet of SSL4MIS/PyMIC, the reference's ``net_1`` (docs/method.md §1.2).
 
 Module and parameter names mirror SSL4MIS ``networks/unet.py`` (``encoder.in_conv.conv_conv.0``
 …, ``decoder.up1.conv1x1`` …) so that a checkpoint of the authors' code loads with

@@ -1,4 +1,4 @@
-"""3D UNet of SSL4MIS (Oktay et al.'s ``unet_3D``), the reference's 3D ``net_1`` (METHOD.md §1.3).
+"""3D UNet of SSL4MIS (Oktay et al.'s ``unet_3D``), the reference's 3D ``net_1`` (docs/method.md §1.3).
 
 Module and parameter names mirror SSL4MIS ``networks/unet_3D.py`` / ``networks/utils.py``
 (``conv1.conv1.0.weight`` …, ``up_concat4.conv.conv1.0.weight``, ``final.weight``) so that a

@@ -1,4 +1,4 @@
-"""UPG — the uncertainty-guided pseudo-label generator (METHOD.md §1.4, golden README §6 item 2).
+"""UPG — the uncertainty-guided pseudo-label generator (docs/method.md §1.4, docs/golden.md §6 (UPG, item 2)).
 
 Three pieces, all named as in the reference (``module/generate_pseudo_map_attention_2D.py``) so
 that the authors' state_dict loads key for key:
@@ -11,7 +11,7 @@ that the authors' state_dict loads key for key:
 
 Everything is dimension-generic (2D ``[B,1,H,W]`` or 3D ``[B,1,D,H,W]``).
 
-Token-layout path (the "fused UPG", METHOD.md §6.2/§6.7): :meth:`UPG.forward_fused_tokens` takes
+Token-layout path (the "fused UPG", docs/method.md §6.2/§6.7): :meth:`UPG.forward_fused_tokens` takes
 the logits and keeps the uncertainty maps and the attention output in the patch-token layout
 ``[B, N, p^d]`` the attention works in: the evidential kernel writes ``u`` directly as tokens
 (no Patchify copy), :meth:`CrossAttentionBlock.forward_tokens` runs the block token to token

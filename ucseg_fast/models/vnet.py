@@ -1,5 +1,5 @@
 """VNet of the reference, 2D and 3D (``module/vnet_2D.py``, ``module/vnet.py``): its ``net_2``
-(METHOD.md §1.2, §1.3).
+(docs/method.md §1.2, §1.3).
 
 One dimension-generic implementation; :class:`~ucseg_fast.models.vnet2d.VNet2D` and
 :class:`VNet3D` only fix ``spatial_dims`` and the initialisation. ``normalization='none'``,

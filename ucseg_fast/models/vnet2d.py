@@ -1,4 +1,4 @@
-"""2D VNet of the reference (``module/vnet_2D.py``), its ``net_2`` (METHOD.md §1.2).
+"""2D VNet of the reference (``module/vnet_2D.py``), its ``net_2`` (docs/method.md §1.2).
 
 ``normalization='none'``, ``has_dropout=False`` as UC-Seg configures it: no norm layers, no
 dropout, ReLU. Module names mirror the reference (``block_one.conv.0`` …, ``out_conv``) so its
