@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +20,16 @@ GOLDEN_FILES = ("ucseg2d_golden.json", "ucseg2d_golden.safetensors")
 
 
 def _golden_dir() -> Path:
-    """$UCSEG_GOLDEN when it holds the file pair, else the vendored copy. An override that does
-    not hold the pair is reported (a warning naming it) and the vendored copy is used."""
+    """$UCSEG_GOLDEN when set (it must hold the file pair: an override that names nothing is an
+    error, never a silent fall-back), else the vendored copy."""
     override = os.environ.get("UCSEG_GOLDEN")
-    if override:
-        if all((Path(override) / f).is_file() for f in GOLDEN_FILES):
-            return Path(override)
-        warnings.warn(f"UCSEG_GOLDEN={override} does not hold {' and '.join(GOLDEN_FILES)}; "
-                      f"using the vendored golden vectors in {VENDORED_DIR}", stacklevel=2)
-    return VENDORED_DIR
+    if not override:
+        return VENDORED_DIR
+    missing = [f for f in GOLDEN_FILES if not (Path(override) / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"UCSEG_GOLDEN={override} does not hold {' and '.join(missing)} "
+                                f"(unset it to use the vendored vectors in {VENDORED_DIR})")
+    return Path(override)
 
 
 GOLDEN_DIR = _golden_dir()

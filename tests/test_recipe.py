@@ -137,11 +137,8 @@ def test_the_cli_prints_configuration_errors_as_one_line(capsys, tmp_path):
     assert len(err) == 1 and "model.in_channels = 3" in err[0], err
 
 
-def test_decision_rule_is_the_recipes():
-    logits = torch.tensor([[[[0.3]], [[-0.2]]], [[[-1.0]], [[0.4]]]])  # [2, 2, 1, 1]
-    binary = Recipe(load_config("binary_2d"))
-    multi = Recipe(load_config(None, ["--data.num_classes=2"]))
-    assert binary.decide(logits).flatten().tolist() == [0, 1]    # σ(P_1) > 0.5
-    assert multi.decide(logits).flatten().tolist() == [0, 1]     # argmax
-    assert binary.memory_format() == torch.channels_last
+def test_memory_format_follows_the_recipes_dimensions():
+    assert Recipe(load_config("binary_2d")).memory_format() == torch.channels_last
     assert Recipe(load_config("la_3d")).memory_format() == torch.channels_last_3d
+    assert Recipe(load_config(None, ["--train.channels_last=false"])).memory_format() == \
+        torch.contiguous_format

@@ -10,7 +10,8 @@ keys against it. `Recipe` adds what needs the device or the data folder and buil
   needs `model.in_channels = 3`) -- before the stream reads anything; `ConfigError` otherwise;
 - `model(device)`, `objective(device)`, `schedules(device)`, `stream(...)`,
   `dataset()`, `memory_format()`;
-- the evaluation protocol: `evaluation_items`, `evaluate`, `decide` (argmax or σ(P)[:, 1] > 0.5).
+- the evaluation protocol: `evaluation_items`, `evaluate` (argmax, or σ(P)[:, 1] > 0.5 for a
+  binary recipe: `eval.protocol`).
 
 The trainer, `eval` / `predict`, `bench` and `curves` build through it, so a 2D / 3D or
 softmax / sigmoid decision is taken in one place: the spec.
@@ -157,12 +158,6 @@ class Recipe:
     def evaluate(self, predict_fn, items, **kw):
         from ..eval.protocol import evaluate
         return evaluate(self.cfg, predict_fn, items, **kw)
-
-    def decide(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class map of P logits [B, C, ...]: σ(P)[:, 1] > 0.5 (binary) or argmax."""
-        if self.spec.binary:
-            return (torch.sigmoid(logits[:, 1].float()) > 0.5).long()  # fp32, as evaluation
-        return logits.argmax(1)
 
 
 def build_model(cfg: Config, device: torch.device | str | None = None) -> torch.nn.Module:
